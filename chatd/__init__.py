@@ -1,0 +1,1 @@
+"""chatd: a chat server whose identity lives in an encrypted session cookie."""

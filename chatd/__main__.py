@@ -1,0 +1,77 @@
+"""The command line: `python -m chatd [flags]` serves; `python -m chatd keygen` prints a key."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from .config import Config, ConfigError, config_from_args, generate_key, load_secret_keys
+from .storage import StorageError
+from .web import create_app
+
+log = logging.getLogger("chatd")
+
+SHUTDOWN_SECONDS = 3.0  # SPEC: exit within 5 s of SIGTERM/SIGINT
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"]:
+        print(generate_key())
+        return 0
+    try:
+        config = config_from_args(argv)
+        config = Config(**{**config.__dict__, "secret_keys": load_secret_keys(config.data_dir)})
+    except ConfigError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Access logs only at debug level: request lines are noise at scale.
+    logging.getLogger("aiohttp.access").setLevel(logging.DEBUG if config.log_level == "debug" else logging.WARNING)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop does not build everywhere
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(serve(config))
+    except StorageError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the port is taken
+        print(f"chatd: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def serve(config: Config) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=log)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        for host, port in (a[:2] for a in runner.addresses):
+            shown = f"[{host}]" if ":" in host else host
+            print(f"chatd: serving on http://{shown}:{port}/", flush=True)
+        # Start-up objects never die: keep them out of every later collection.
+        gc.collect()
+        gc.freeze()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Command-line flags, their CHATD_* environment variables, and the secret keys.
+
+Every flag reads `CHATD_<FLAG>` as its default, so a command line always wins
+over the environment. Bad configuration raises `ConfigError`, which the
+command line turns into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+
+KEY_FILE_NAME = "secret.key"
+DATABASE_FILE_NAME = "chatd.sqlite3"
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person starting chatd."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("chatd-data")
+    session_ttl: int = 604800
+    secure_cookie: bool = False
+    allow_origins: tuple[str, ...] = ()
+    log_level: str = "info"
+    # Fernet keys: the first encrypts, all of them decrypt.
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / DATABASE_FILE_NAME
+
+
+def parse_bool(text: str, source: str) -> bool:
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{source}: expected 1/true/yes or 0/false/no, got {text!r}")
+
+
+def parse_int(text: str, source: str, minimum: int, maximum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{source}: expected a whole number, got {text!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{source}: must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def parse_origin(text: str, source: str) -> str:
+    from yarl import URL
+
+    url = URL(text.strip())
+    if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/") or url.query_string:
+        raise ConfigError(f"{source}: expected an origin such as https://chat.example.org, got {text!r}")
+    return str(url.origin())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chatd",
+        description=(
+            "chatd: a chat server whose identity lives in an encrypted session cookie. "
+            "Every flag can also be set with the environment variable CHATD_<FLAG> "
+            "(upper case, dashes as underscores). `python -m chatd keygen` prints a new secret key."
+        ),
+    )
+    parser.add_argument("--host", help="address to listen on (CHATD_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", help="TCP port to listen on (CHATD_PORT; default 8080)")
+    parser.add_argument(
+        "--data-dir",
+        help="directory for the SQLite database and the generated secret.key (CHATD_DATA_DIR; default ./chatd-data)",
+    )
+    parser.add_argument(
+        "--session-ttl",
+        help="seconds a session lasts from the moment it is issued (CHATD_SESSION_TTL; default 604800, one week)",
+    )
+    parser.add_argument(
+        "--secure-cookie",
+        action="store_const",
+        const="true",
+        help="mark the session cookie Secure; use it when chatd is served over HTTPS (CHATD_SECURE_COOKIE)",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="URL",
+        help=(
+            "another origin allowed to call the API and open sockets with credentials, besides chatd's own; "
+            "repeatable (CHATD_ALLOW_ORIGIN, comma-separated)"
+        ),
+    )
+    parser.add_argument(
+        "--log-level",
+        help="debug, info, warning or error (CHATD_LOG_LEVEL; default info)",
+    )
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Parse flags over environment variables. Secret keys are not loaded here."""
+    args = build_parser().parse_args(argv)
+    global_env = os.environ if environ is None else environ
+
+    def pick(flag: str, value):
+        if value is not None:
+            return value, "--" + flag
+        name = "CHATD_" + flag.upper().replace("-", "_")
+        return global_env.get(name), name
+
+    defaults = Config()
+    host, _ = pick("host", args.host)
+    port, port_src = pick("port", args.port)
+    data_dir, _ = pick("data-dir", args.data_dir)
+    ttl, ttl_src = pick("session-ttl", args.session_ttl)
+    secure, secure_src = pick("secure-cookie", args.secure_cookie)
+    log_level, log_src = pick("log-level", args.log_level)
+    if args.allow_origin is not None:
+        origins = [(o, "--allow-origin") for o in args.allow_origin]
+    else:
+        raw = global_env.get("CHATD_ALLOW_ORIGIN", "")
+        origins = [(o, "CHATD_ALLOW_ORIGIN") for o in raw.split(",") if o.strip()]
+
+    level = (log_level or defaults.log_level).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{log_src}: expected debug, info, warning or error, got {log_level!r}")
+
+    return Config(
+        host=host or defaults.host,
+        port=parse_int(port, port_src, 0, 65535) if port is not None else defaults.port,
+        data_dir=Path(data_dir) if data_dir else defaults.data_dir,
+        session_ttl=parse_int(ttl, ttl_src, 1, 10 * 365 * 86400) if ttl is not None else defaults.session_ttl,
+        secure_cookie=parse_bool(secure, secure_src) if secure is not None else False,
+        allow_origins=tuple(parse_origin(o, src) for o, src in origins),
+        log_level=level,
+    )
+
+
+def generate_key() -> str:
+    return Fernet.generate_key().decode("ascii")
+
+
+def _check_key(key: str, source: str) -> str:
+    try:
+        Fernet(key)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{source}: not a valid Fernet key (make one with `python -m chatd keygen`)") from None
+    return key
+
+
+def load_secret_keys(data_dir: Path, environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """CHATD_SECRET_KEYS if set, else `<data-dir>/secret.key`, created 0600 on first start."""
+    env = os.environ if environ is None else environ
+    listed = env.get("CHATD_SECRET_KEYS", "")
+    if listed.strip():
+        keys = [k.strip() for k in listed.split(",") if k.strip()]
+        return tuple(_check_key(k, f"CHATD_SECRET_KEYS (key {i + 1})") for i, k in enumerate(keys))
+
+    path = data_dir / KEY_FILE_NAME
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # O_EXCL: never overwrite a key another process has just written.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            text = path.read_text(encoding="ascii").strip()
+        else:
+            text = generate_key()
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(text + "\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot use key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return (_check_key(text, str(path)),)

@@ -1,0 +1,112 @@
+"""Rate limits: chat messages per session, failed logins per (username, address).
+
+Both live behind small interfaces so that a shared (Redis) version can replace
+the in-process one when chatd runs as several processes.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from dataclasses import dataclass
+
+# SPEC: a burst of 20 messages, refilled at 5 per second, per session.
+CHAT_BURST = 20
+CHAT_REFILL_PER_SECOND = 5.0
+
+# SPEC: 5 failed logins for one username from one address within 15 minutes.
+LOGIN_FAILURES_ALLOWED = 5
+LOGIN_WINDOW_SECONDS = 15 * 60
+
+# Forget idle entries once there are this many, so memory stays bounded.
+PRUNE_ABOVE = 10_000
+
+
+class ChatRateLimiter(abc.ABC):
+    @abc.abstractmethod
+    async def take(self, session_id: str) -> float:
+        """Spend one token. 0 when allowed, else the seconds until a token is back."""
+
+
+class LoginThrottle(abc.ABC):
+    @abc.abstractmethod
+    async def retry_after(self, key: tuple[str, str]) -> int:
+        """0 when a login may be tried, else the whole seconds left in the blocked window."""
+
+    @abc.abstractmethod
+    async def failed(self, key: tuple[str, str]) -> None: ...
+
+    @abc.abstractmethod
+    async def succeeded(self, key: tuple[str, str]) -> None: ...
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class MemoryChatRateLimiter(ChatRateLimiter):
+    def __init__(self, burst: int = CHAT_BURST, per_second: float = CHAT_REFILL_PER_SECOND) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self._buckets: dict[str, _Bucket] = {}
+
+    async def take(self, session_id: str) -> float:
+        now = time.monotonic()
+        bucket = self._buckets.get(session_id)
+        if bucket is None:
+            if len(self._buckets) >= PRUNE_ABOVE:
+                self._prune(now)
+            bucket = self._buckets[session_id] = _Bucket(float(self.burst), now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.per_second)
+        bucket.updated = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return 0.0
+        return (1 - bucket.tokens) / self.per_second
+
+    def _prune(self, now: float) -> None:
+        full_after = self.burst / self.per_second
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b.updated < full_after}
+
+
+@dataclass(slots=True)
+class _Window:
+    started: float
+    failures: int
+
+
+class MemoryLoginThrottle(LoginThrottle):
+    def __init__(self, allowed: int = LOGIN_FAILURES_ALLOWED, window: float = LOGIN_WINDOW_SECONDS) -> None:
+        self.allowed = allowed
+        self.window = window
+        self._windows: dict[tuple[str, str], _Window] = {}
+
+    def _current(self, key: tuple[str, str], now: float) -> _Window | None:
+        entry = self._windows.get(key)
+        if entry is not None and now - entry.started >= self.window:
+            del self._windows[key]
+            return None
+        return entry
+
+    async def retry_after(self, key: tuple[str, str]) -> int:
+        now = time.monotonic()
+        entry = self._current(key, now)
+        if entry is None or entry.failures < self.allowed:
+            return 0
+        return max(1, math.ceil(entry.started + self.window - now))
+
+    async def failed(self, key: tuple[str, str]) -> None:
+        now = time.monotonic()
+        entry = self._current(key, now)
+        if entry is None:
+            if len(self._windows) >= PRUNE_ABOVE:
+                self._windows = {k: w for k, w in self._windows.items() if now - w.started < self.window}
+            self._windows[key] = _Window(now, 1)
+        else:
+            entry.failures += 1
+
+    async def succeeded(self, key: tuple[str, str]) -> None:
+        self._windows.pop(key, None)

@@ -1,0 +1,263 @@
+"""The Socket.IO side: handshake auth from the session cookie, chat events, rooms, presence.
+
+How the cookie reaches the socket: python-socketio runs on the same aiohttp
+app, so the Engine.IO handshake is an ordinary aiohttp request that passes
+through aiohttp-session's middleware. The connect handler takes that request
+from the socket's environ (`environ["aiohttp.request"]`) and reads the session
+with `sessions.read_session`, exactly as an HTTP handler does. The identity it
+finds is fixed for the socket's lifetime.
+
+Every broadcast goes through python-socketio rooms: `room:<name>` for chat
+rooms and `session:<sid>` for all sockets of one session, so that a Redis
+client manager can carry them across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import orjson
+import socketio
+from aiohttp import web
+from socketio import packet
+
+from .limits import ChatRateLimiter
+from .presence import Presence
+from .sessions import Identity, read_session
+from .storage import Storage
+from .validation import DEFAULT_ROOM, EventError, parse_history, parse_room, parse_send_chat
+
+log = logging.getLogger("chatd.realtime")
+
+MAX_FRAME_BYTES = 64 * 1024
+MAX_ROOMS_PER_SOCKET = 20
+WELCOME_HISTORY = 50
+
+Handler = Callable[[str, object], Awaitable[dict]]
+
+
+class OrjsonForSocketIO:
+    """python-socketio's `json=` hook: orjson for speed.
+
+    Decoding falls back to the standard library for what orjson refuses (a
+    lone surrogate in a string), so that such a message reaches validation
+    and gets `invalid_message` instead of being dropped unanswered.
+    """
+
+    @staticmethod
+    def dumps(obj, **_kwargs) -> str:
+        return orjson.dumps(obj).decode("utf-8")
+
+    @staticmethod
+    def loads(text, **_kwargs):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return json.loads(text)
+
+
+def chat_room(name: str) -> str:
+    return "room:" + name
+
+
+def session_room(sid: str) -> str:
+    return "session:" + sid
+
+
+@dataclass(slots=True)
+class SocketState:
+    user: Identity
+    rooms: set[str] = field(default_factory=set)
+    expiry: asyncio.TimerHandle | None = None
+
+
+class ChatServer(socketio.AsyncServer):
+    """An AsyncServer whose client events all pass one gate.
+
+    python-socketio hands an event named `connect` or `disconnect` to the
+    server's own handlers, and hides whether the client asked for an ack. This
+    gate only dispatches the events in `self.events`, so reserved and unknown
+    names are ignored; it acks when the client asked, else reports a failure
+    as `chat_error`; and nothing a handler raises escapes it.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.events: dict[str, Handler] = {}
+
+    async def _handle_event(self, eio_sid, namespace, id, data):  # noqa: A002 (python-socketio's name)
+        namespace = namespace or "/"
+        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+        if sid is None or not self.manager.is_connected(sid, namespace):
+            return
+        if not data or not isinstance(data[0], str) or data[0] not in self.events:
+            return
+        event = data[0]
+        try:
+            result = await self.events[event](sid, data[1] if len(data) > 1 else None)
+        except EventError as exc:
+            result = {"ok": False, "error": exc.code, "message": exc.message, **exc.extra}
+        except Exception:
+            log.exception("event %r failed", event)
+            result = {"ok": False, "error": "internal_error", "message": "The server could not do that; try again."}
+        try:
+            if id is not None:
+                await self._send_packet(eio_sid, self.packet_class(packet.ACK, namespace=namespace, id=id, data=[result]))
+            elif not result.get("ok"):
+                error = {k: v for k, v in result.items() if k != "ok"}
+                await self.emit("chat_error", {"event": event, **error}, to=sid, namespace=namespace)
+        except Exception:  # the client may be gone already
+            log.debug("could not answer %r", event, exc_info=True)
+
+
+class Realtime:
+    """The chat behaviour on top of ChatServer: connect, disconnect, events, session endings."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        presence: Presence,
+        rate_limiter: ChatRateLimiter,
+        origin_allowed: Callable[[str | None, web.Request], bool],
+    ) -> None:
+        self.storage = storage
+        self.presence = presence
+        self.rate_limiter = rate_limiter
+        self.sockets: dict[str, SocketState] = {}
+        self.sio = ChatServer(
+            async_mode="aiohttp",
+            json=OrjsonForSocketIO,
+            max_http_buffer_size=MAX_FRAME_BYTES,
+            # A callable, never []: an empty list would switch engine.io's origin check off.
+            cors_allowed_origins=lambda origin, environ: origin_allowed(origin, environ["aiohttp.request"]),
+            cors_credentials=True,
+            async_handlers=False,
+        )
+        self.sio.on("connect", self.on_connect)
+        self.sio.on("disconnect", self.on_disconnect)
+        self.sio.events.update(
+            {"send chat": self.send_chat, "join": self.join, "leave": self.leave, "history": self.history}
+        )
+
+    def attach(self, app: web.Application) -> None:
+        self.sio.attach(app, socketio_path="socket.io")
+
+    # -- connection ---------------------------------------------------------
+
+    async def on_connect(self, sid: str, environ: dict, auth=None) -> None:
+        session = await read_session(environ["aiohttp.request"])
+        user = session.user
+        if user is None:
+            raise socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
+        state = self.sockets[sid] = SocketState(user=user)
+        state.expiry = asyncio.get_running_loop().call_later(
+            max(0.0, user.expires_at - time.time()), self._expire_soon, sid
+        )
+        await self.sio.enter_room(sid, session_room(user.sid))
+        history, online, changed = await self._enter(sid, state, DEFAULT_ROOM)
+        await self.sio.emit(
+            "welcome",
+            {**user.public(), "room": DEFAULT_ROOM, "history": history, "online": online},
+            to=sid,
+        )
+        if changed:
+            await self._announce(DEFAULT_ROOM)
+
+    async def on_disconnect(self, sid: str, reason=None) -> None:
+        state = self.sockets.pop(sid, None)
+        if state is None:
+            return
+        if state.expiry is not None:
+            state.expiry.cancel()
+        for room in state.rooms:
+            if await self.presence.leave(room, sid, state.user):
+                await self._announce(room)
+
+    async def _enter(self, sid: str, state: SocketState, room: str) -> tuple[list[dict], list[dict], bool]:
+        """Join a chat room: its latest history, its online list, and whether that list changed."""
+        state.rooms.add(room)
+        await self.sio.enter_room(sid, chat_room(room))
+        changed = await self.presence.join(room, sid, state.user)
+        history = await self.storage.history(room, limit=WELCOME_HISTORY)
+        return history, await self.presence.members(room), changed
+
+    async def _announce(self, room: str) -> None:
+        """Send a room its online list; called whenever its membership changed."""
+        online = await self.presence.members(room)
+        await self.sio.emit("presence", {"room": room, "online": online}, room=chat_room(room))
+
+    # -- session endings ----------------------------------------------------
+
+    async def end_session(self, session_id: str, reason: str) -> None:
+        """Tell every socket of a session that it ended, then disconnect them."""
+        room = session_room(session_id)
+        await self.sio.emit("session_ended", {"reason": reason}, room=room)
+        for sid, _eio_sid in list(self.sio.manager.get_participants("/", room)):
+            await self.sio.disconnect(sid)
+
+    def _expire_soon(self, sid: str) -> None:
+        asyncio.ensure_future(self._expire(sid))
+
+    async def _expire(self, sid: str) -> None:
+        if sid in self.sockets:
+            await self.sio.emit("session_ended", {"reason": "expired"}, to=sid)
+            await self.sio.disconnect(sid)
+
+    async def close_all(self) -> None:
+        """On shutdown: close every transport, so clients see the server go and reconnect later."""
+        await self.sio.eio.disconnect()
+
+    # -- events -------------------------------------------------------------
+
+    def _joined(self, sid: str, room: str) -> SocketState:
+        state = self.sockets[sid]
+        if room not in state.rooms:
+            raise EventError("not_in_room", f"Join '{room}' first.")
+        return state
+
+    async def send_chat(self, sid: str, payload) -> dict:
+        command = parse_send_chat(payload)
+        user = self._joined(sid, command.room).user
+        wait = await self.rate_limiter.take(user.sid)
+        if wait > 0:
+            raise EventError(
+                "rate_limited", "You are sending too fast; wait a moment.", retry_after=round(wait + 0.0005, 3)
+            )
+        message = await self.storage.add_message(command.room, user.name, user.account, command.msg, time.time())
+        await self.sio.emit("new chat", message, room=chat_room(command.room))
+        return {"ok": True, "id": message["id"]}
+
+    async def join(self, sid: str, payload) -> dict:
+        room = parse_room(payload)
+        state = self.sockets[sid]
+        if room not in state.rooms and len(state.rooms) >= MAX_ROOMS_PER_SOCKET:
+            raise EventError("too_many_rooms", f"A connection can be in at most {MAX_ROOMS_PER_SOCKET} rooms.")
+        if room in state.rooms:
+            history = await self.storage.history(room, limit=WELCOME_HISTORY)
+            online = await self.presence.members(room)
+        else:
+            history, online, changed = await self._enter(sid, state, room)
+            if changed:
+                await self._announce(room)
+        return {"ok": True, "room": room, "history": history, "online": online}
+
+    async def leave(self, sid: str, payload) -> dict:
+        room = parse_room(payload)
+        state = self._joined(sid, room)
+        state.rooms.discard(room)
+        await self.sio.leave_room(sid, chat_room(room))
+        if await self.presence.leave(room, sid, state.user):
+            await self._announce(room)
+        return {"ok": True}
+
+    async def history(self, sid: str, payload) -> dict:
+        query = parse_history(payload)
+        self._joined(sid, query.room)
+        messages = await self.storage.history(query.room, before=query.before, after=query.after, limit=query.limit)
+        return {"ok": True, "messages": messages}

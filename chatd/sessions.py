@@ -1,0 +1,154 @@
+"""The session cookie: one storage object and one decryption path for HTTP and Socket.IO.
+
+aiohttp-session's `EncryptedCookieStorage` owns the cookie. `SessionCookieStorage`
+adds two things to it: key rotation (cryptography's `MultiFernet`, wrapped so
+the storage accepts it) and a reason for every cookie it rejects (`no_session`,
+`invalid_session`, `expired`, `revoked`), which the Socket.IO handshake reports.
+
+Both sides read a session the same way: `await read_session(request)`. On HTTP
+that is the request itself; on Socket.IO it is the aiohttp request of the
+Engine.IO handshake, found in the socket's environ.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import aiohttp_session
+from aiohttp import web
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+COOKIE_NAME = "chatd_session"
+
+# Why a cookie is no session; the handshake's `connect_error` carries these.
+NO_SESSION = "no_session"
+INVALID_SESSION = "invalid_session"
+EXPIRED = "expired"
+REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a session is. Fixed when the session is issued."""
+
+    sid: str
+    name: str
+    account: str | None
+    expires_at: int
+
+    def member(self) -> dict:
+        return {"name": self.name, "account": self.account}
+
+    def public(self) -> dict:
+        return {"name": self.name, "account": self.account, "expires_at": self.expires_at}
+
+
+class RotatingFernet(Fernet):
+    """A `Fernet` (so `EncryptedCookieStorage` accepts it) that behaves as a `MultiFernet`:
+    the first key encrypts, every key decrypts."""
+
+    def __init__(self, keys: list[str] | tuple[str, ...]) -> None:
+        super().__init__(keys[0])
+        self._multi = MultiFernet([Fernet(k) for k in keys])
+
+    def encrypt(self, data: bytes) -> bytes:
+        return self._multi.encrypt(data)
+
+    def decrypt(self, token: bytes | str, ttl: int | None = None) -> bytes:
+        return self._multi.decrypt(token, ttl)
+
+
+class ChatSession(aiohttp_session.Session):
+    """An aiohttp-session `Session` that also says who it is, or why it is no session."""
+
+    user: Identity | None = None
+    rejected: str | None = None
+
+
+IsRevoked = Callable[[str], Awaitable[bool]]
+
+
+class SessionCookieStorage(EncryptedCookieStorage):
+    def __init__(self, keys: tuple[str, ...], *, ttl: int, secure: bool, is_revoked: IsRevoked) -> None:
+        super().__init__(
+            RotatingFernet(keys),
+            cookie_name=COOKIE_NAME,
+            max_age=ttl,
+            path="/",
+            httponly=True,
+            samesite="Lax",
+            secure=True if secure else None,
+        )
+        self._is_revoked = is_revoked
+
+    @property
+    def ttl(self) -> int:
+        assert self.max_age is not None
+        return self.max_age
+
+    async def new_session(self) -> ChatSession:
+        return ChatSession(None, data=None, new=True, max_age=self.max_age)
+
+    async def load_session(self, request: web.Request) -> ChatSession:
+        token = self.load_cookie(request)
+        if not token:
+            return self._rejected(NO_SESSION)
+        try:
+            # No Fernet ttl here: an expired cookie must be told apart from a forged one.
+            data = self._decoder(self._fernet.decrypt(token.encode("utf-8")).decode("utf-8"))
+            user = _identity_from(data["session"])
+        except (InvalidToken, ValueError, TypeError, KeyError, UnicodeError):
+            return self._rejected(INVALID_SESSION)
+        if user.expires_at <= time.time():
+            return self._rejected(EXPIRED)
+        if await self._is_revoked(user.sid):
+            return self._rejected(REVOKED)
+        # max_age=None: the expiry written in the cookie is the only one that counts.
+        session = ChatSession(None, data=data, new=False, max_age=None)
+        session.user = user
+        return session
+
+    def _rejected(self, reason: str) -> ChatSession:
+        session = ChatSession(None, data=None, new=True, max_age=self.max_age)
+        session.rejected = reason
+        return session
+
+
+def _identity_from(fields: dict) -> Identity:
+    sid, name, account, exp = fields["sid"], fields["name"], fields["account"], fields["exp"]
+    if not (isinstance(sid, str) and isinstance(name, str) and isinstance(exp, int)):
+        raise TypeError("malformed session")
+    if account is not None and not isinstance(account, str):
+        raise TypeError("malformed session")
+    return Identity(sid=sid, name=name, account=account, expires_at=exp)
+
+
+async def read_session(request: web.Request) -> ChatSession:
+    """The request's session, decrypted and checked once per request."""
+    session = await aiohttp_session.get_session(request)
+    assert isinstance(session, ChatSession)
+    return session
+
+
+async def issue_session(request: web.Request, name: str, account: str | None) -> Identity:
+    """Start a new session (new random sid) whose cookie goes out with this response."""
+    session = await aiohttp_session.new_session(request)
+    assert isinstance(session, ChatSession)
+    storage: SessionCookieStorage = request[aiohttp_session.STORAGE_KEY]
+    user = Identity(
+        sid=secrets.token_urlsafe(24),  # 192 random bits
+        name=name,
+        account=account,
+        expires_at=int(time.time()) + storage.ttl,
+    )
+    session.update({"sid": user.sid, "name": user.name, "account": user.account, "exp": user.expires_at})
+    session.user = user
+    return user
+
+
+def guest_name() -> str:
+    return f"guest-{secrets.randbelow(10000):04d}"

@@ -1,0 +1,114 @@
+"""One validation layer for every Socket.IO event: handlers receive clean values.
+
+Precedence (SPEC): a payload that is not an object, a missing required field
+or a field of the wrong JSON type is `invalid_request` (null counts as absent
+for optional fields); then the value checks. Unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .storage import HISTORY_DEFAULT, HISTORY_MAX
+
+ROOM_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+MSG_MAX = 2000
+DEFAULT_ROOM = "general"
+
+
+class EventError(Exception):
+    """A client mistake, answered by ack or `chat_error`."""
+
+    def __init__(self, code: str, message: str, **extra) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+_MISSING = object()
+
+
+def _field(payload: dict, name: str, kind: type, *, required: bool):
+    value = payload.get(name)
+    if value is None:
+        if required:
+            raise EventError("invalid_request", f"'{name}' is required.")
+        return None
+    # bool is an int in Python, but not a number in JSON's sense here.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise EventError("invalid_request", f"'{name}' must be {_TYPE_WORDS[kind]}.")
+    return value
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer"}
+
+
+def _object(payload) -> dict:
+    if not isinstance(payload, dict):
+        raise EventError("invalid_request", "The payload must be a JSON object.")
+    return payload
+
+
+def check_room(room: str) -> str:
+    if not ROOM_RE.fullmatch(room):
+        raise EventError(
+            "invalid_room", "Room names are 1 to 32 of a-z, 0-9 and '-', starting with a letter or digit."
+        )
+    return room
+
+
+def check_message(msg: str) -> str:
+    text = msg.strip()
+    if not 1 <= len(text) <= MSG_MAX:
+        raise EventError("invalid_message", f"Messages are 1 to {MSG_MAX} characters.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError("invalid_message", "The message is not valid Unicode.") from None
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class SendChat:
+    room: str
+    msg: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    room: str
+    before: int | None
+    after: int | None
+    limit: int
+
+
+def parse_send_chat(payload) -> SendChat:
+    payload = _object(payload)
+    msg = _field(payload, "msg", str, required=True)
+    room = _field(payload, "room", str, required=False)
+    return SendChat(room=check_room(DEFAULT_ROOM if room is None else room), msg=check_message(msg))
+
+
+def parse_room(payload) -> str:
+    payload = _object(payload)
+    return check_room(_field(payload, "room", str, required=True))
+
+
+def parse_history(payload) -> HistoryQuery:
+    payload = _object(payload)
+    room = _field(payload, "room", str, required=True)
+    before = _field(payload, "before", int, required=False)
+    after = _field(payload, "after", int, required=False)
+    limit = _field(payload, "limit", int, required=False)
+    room = check_room(room)
+    if before is not None and after is not None:
+        raise EventError("invalid_request", "Give 'before' or 'after', not both.")
+    if any(v is not None and v <= 0 for v in (before, after)):
+        raise EventError("invalid_request", "Message ids are positive integers.")
+    if limit is None:
+        limit = HISTORY_DEFAULT
+    elif not 1 <= limit <= HISTORY_MAX:
+        raise EventError("invalid_request", f"'limit' is 1 to {HISTORY_MAX}.")
+    return HistoryQuery(room=room, before=before, after=after, limit=limit)

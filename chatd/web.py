@@ -1,0 +1,309 @@
+"""The aiohttp app: sessions, the JSON API, the page and its static files.
+
+`create_app(config)` builds everything; shared objects hang off the app under
+typed `web.AppKey`s. The session cookie is aiohttp-session's
+`EncryptedCookieStorage` (see `sessions.py`); the Socket.IO server from
+`realtime.py` is attached to this same app and reads the same cookie.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import AsyncIterator
+
+import aiohttp_session
+from aiohttp import web
+
+from .accounts import Accounts, password_problem, username_problem
+from .config import Config
+from .limits import LoginThrottle, MemoryChatRateLimiter, MemoryLoginThrottle
+from .presence import MemoryPresence
+from .realtime import Realtime
+from .sessions import Identity, SessionCookieStorage, guest_name, issue_session, read_session
+from .storage import SqliteStorage, Storage, StorageError
+
+# aiohttp-session 2.12 stores itself on the request under plain string keys.
+warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module=r"aiohttp_session")
+
+log = logging.getLogger("chatd.web")
+
+PUBLIC_DIR = Path(__file__).resolve().parent.parent / "public"
+MAX_BODY_BYTES = 16 * 1024
+
+CONFIG = web.AppKey("config", Config)
+STORAGE = web.AppKey("storage", Storage)
+ACCOUNTS = web.AppKey("accounts", Accounts)
+LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
+REALTIME = web.AppKey("realtime", Realtime)
+
+USER = web.RequestKey("user", Identity)
+BODY = web.RequestKey("body", object)
+
+# Served with every response: no inline script, nothing from other origins.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
+
+
+class ApiError(Exception):
+    """An error answer of SPEC's shape: {"error": code, "message": sentence}."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+    def response(self) -> web.Response:
+        return web.json_response(
+            {"error": self.code, "message": self.message}, status=self.status, headers=self.headers
+        )
+
+
+# -- origins ------------------------------------------------------------------
+
+
+def own_origin(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}"
+
+
+def origin_allowed(origin: str | None, request: web.Request) -> bool:
+    """No Origin header (not a browser's cross-site call), our own origin, or one of --allow-origin."""
+    if origin is None:
+        return True
+    return origin == own_origin(request) or origin in request.app[CONFIG].allow_origins
+
+
+def is_api(request: web.Request) -> bool:
+    return request.path.startswith("/api/")
+
+
+# -- middlewares, outermost first ---------------------------------------------
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler) -> web.StreamResponse:
+    """ApiError becomes SPEC's JSON error; on /api/*, so do aiohttp's own 404/405."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if not is_api(request) or exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        return ApiError(exc.status, code, exc.reason, headers=dict(exc.headers)).response()
+
+
+@web.middleware
+async def cors(request: web.Request, handler) -> web.StreamResponse:
+    """CORS with credentials for --allow-origin origins only, never `*`."""
+    origin = request.headers.get("Origin")
+    foreign_but_allowed = origin is not None and origin != own_origin(request) and origin_allowed(origin, request)
+    if request.method == "OPTIONS" and is_api(request):
+        if not foreign_but_allowed:
+            return ApiError(403, "forbidden_origin", "This origin may not call chatd's API.").response()
+        response: web.StreamResponse = web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": "Content-Type",
+                "Access-Control-Max-Age": "600",
+            },
+        )
+    else:
+        response = await handler(request)
+    if foreign_but_allowed and is_api(request):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers.add("Vary", "Origin")
+    return response
+
+
+@web.middleware
+async def post_hygiene(request: web.Request, handler) -> web.StreamResponse:
+    """Every POST: an allowed Origin, a JSON content type, a small body that parses."""
+    if request.method != "POST" or not is_api(request):
+        return await handler(request)
+    if not origin_allowed(request.headers.get("Origin"), request):
+        raise ApiError(403, "forbidden_origin", "This origin may not call chatd's API.")
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Send the body as Content-Type: application/json.")
+    request[BODY] = _parse_json(await _read_body(request))
+    return await handler(request)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    too_large = ApiError(413, "payload_too_large", f"Request bodies are at most {MAX_BODY_BYTES} bytes.")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    while chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(body)):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    return bytes(body)
+
+
+def _parse_json(body: bytes) -> object:
+    if not body.strip():
+        return None  # an empty body; handlers that need one say invalid_request
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
+
+
+@web.middleware
+async def ensure_session(request: web.Request, handler) -> web.StreamResponse:
+    """The page and every /api/* route run with a valid session: a new guest one if need be."""
+    if request.path == "/" or is_api(request):
+        session = await read_session(request)
+        request[USER] = session.user or await issue_session(request, guest_name(), None)
+    return await handler(request)
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+# -- handlers -----------------------------------------------------------------
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(PUBLIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def get_session_info(request: web.Request) -> web.Response:
+    return web.json_response(request[USER].public())
+
+
+def _credentials(request: web.Request) -> tuple[str, str]:
+    body = request[BODY]
+    if not (
+        isinstance(body, dict) and isinstance(body.get("username"), str) and isinstance(body.get("password"), str)
+    ):
+        raise ApiError(400, "invalid_request", "Send {\"username\": string, \"password\": string}.")
+    return body["username"], body["password"]
+
+
+async def _switch_session(request: web.Request, name: str, account: str | None, reason: str) -> Identity:
+    """Revoke the request's session (if the client already had it) and issue a new one.
+
+    A new sid every time: no session fixation. The old session's sockets, on
+    every process, get `session_ended` and are disconnected.
+    """
+    current = await read_session(request)
+    old = None if current.new else current.user
+    user = await issue_session(request, name, account)
+    if old is not None:
+        await request.app[STORAGE].revoke_session(old.sid, old.expires_at)
+        await request.app[REALTIME].end_session(old.sid, reason)
+    return user
+
+
+async def register(request: web.Request) -> web.Response:
+    username, password = _credentials(request)
+    problem = username_problem(username) or password_problem(password)
+    if problem:
+        raise ApiError(400, "invalid_request", problem)
+    if not await request.app[ACCOUNTS].register(username, password):
+        raise ApiError(409, "username_taken", "That username is taken.")
+    user = await _switch_session(request, username, username, "login")
+    return web.json_response(user.member(), status=201)
+
+
+async def login(request: web.Request) -> web.Response:
+    username, password = _credentials(request)
+    throttle = request.app[LOGIN_THROTTLE]
+    key = (username.lower(), request.remote or "")
+    wait = await throttle.retry_after(key)
+    if wait:
+        raise ApiError(
+            429, "too_many_attempts", "Too many failed logins; try again later.", headers={"Retry-After": str(wait)}
+        )
+    account = await request.app[ACCOUNTS].verify(username, password)
+    if account is None:
+        await throttle.failed(key)
+        raise ApiError(401, "invalid_credentials", "Wrong username or password.")
+    await throttle.succeeded(key)
+    user = await _switch_session(request, account, account, "login")
+    return web.json_response(user.member())
+
+
+async def logout(request: web.Request) -> web.Response:
+    if request[BODY] is not None and not isinstance(request[BODY], dict):
+        raise ApiError(400, "invalid_request", "Send {} or an empty body.")
+    user = await _switch_session(request, guest_name(), None, "logout")
+    return web.json_response(user.member())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        await request.app[STORAGE].ping()
+    except StorageError:
+        return web.json_response({"status": "unavailable"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+# -- the app ------------------------------------------------------------------
+
+
+def create_app(config: Config, *, storage: Storage | None = None) -> web.Application:
+    storage = storage or SqliteStorage(config.database_path)
+    session_storage = SessionCookieStorage(
+        config.secret_keys, ttl=config.session_ttl, secure=config.secure_cookie, is_revoked=storage.is_revoked
+    )
+    app = web.Application(
+        middlewares=[
+            cors,
+            api_errors,
+            post_hygiene,
+            aiohttp_session.session_middleware(session_storage),
+            ensure_session,
+        ]
+    )
+    app[CONFIG] = config
+    app[STORAGE] = storage
+    app[ACCOUNTS] = Accounts(storage)
+    app[LOGIN_THROTTLE] = MemoryLoginThrottle()
+    app[REALTIME] = Realtime(
+        storage=storage,
+        presence=MemoryPresence(),
+        rate_limiter=MemoryChatRateLimiter(),
+        origin_allowed=origin_allowed,
+    )
+
+    app.router.add_get("/", index)
+    app.router.add_get("/api/session", get_session_info)
+    app.router.add_post("/api/register", register)
+    app.router.add_post("/api/login", login)
+    app.router.add_post("/api/logout", logout)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_static("/static/", PUBLIC_DIR)
+    app[REALTIME].attach(app)
+
+    app.on_response_prepare.append(add_security_headers)
+    app.cleanup_ctx.append(_storage_lifetime)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _storage_lifetime(app: web.Application) -> AsyncIterator[None]:
+    await app[STORAGE].open()
+    await app[ACCOUNTS].warm_up()
+    yield
+    app[ACCOUNTS].close()
+    await app[STORAGE].close()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    await app[REALTIME].close_all()
