@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -15,6 +16,7 @@ from .storage import StorageError
 from .web import create_app
 
 log = logging.getLogger("chatd")
+access_log = logging.getLogger("chatd.access")
 
 SHUTDOWN_SECONDS = 3.0  # SPEC: exit within 5 s of SIGTERM/SIGINT
 
@@ -26,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = config_from_args(argv)
-        config = Config(**{**config.__dict__, "secret_keys": load_secret_keys(config.data_dir)})
+        config = dataclasses.replace(config, secret_keys=load_secret_keys(config.data_dir))
     except ConfigError as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Access logs only at debug level: request lines are noise at scale.
-    logging.getLogger("aiohttp.access").setLevel(logging.DEBUG if config.log_level == "debug" else logging.WARNING)
+    access_log.setLevel(logging.DEBUG if config.log_level == "debug" else logging.WARNING)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop does not build everywhere
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(config: Config) -> None:
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=log)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=access_log)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

@@ -210,8 +210,12 @@ class Realtime:
             await self.sio.disconnect(sid)
 
     async def close_all(self) -> None:
-        """On shutdown: close every transport, so clients see the server go and reconnect later."""
-        await self.sio.eio.disconnect()
+        """On shutdown: close every transport, so clients see the server go and reconnect later.
+
+        An Engine.IO close, not a Socket.IO disconnect: clients treat the former as a
+        dropped connection and reconnect by themselves."""
+        if self.sio.eio.sockets:  # engine.io's disconnect() fails on an empty server
+            await self.sio.eio.disconnect()
 
     # -- events -------------------------------------------------------------
 

@@ -8,6 +8,7 @@ typed `web.AppKey`s. The session cookie is aiohttp-session's
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import warnings
@@ -178,8 +179,11 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
 # -- handlers -----------------------------------------------------------------
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(PUBLIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+async def index(request: web.Request) -> web.Response:
+    # A plain Response, not a FileResponse: aiohttp-session only sets cookies on
+    # the former, and the first page view must carry the guest cookie.
+    page = await asyncio.to_thread((PUBLIC_DIR / "index.html").read_bytes)
+    return web.Response(body=page, content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-cache"})
 
 
 async def get_session_info(request: web.Request) -> web.Response:
@@ -263,12 +267,14 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         config.secret_keys, ttl=config.session_ttl, secure=config.secure_cookie, is_revoked=storage.is_revoked
     )
     app = web.Application(
+        # Outermost first. Errors are answered inside the session middleware,
+        # so that even an error response carries the guest session it issued.
         middlewares=[
             cors,
-            api_errors,
-            post_hygiene,
             aiohttp_session.session_middleware(session_storage),
             ensure_session,
+            api_errors,
+            post_hygiene,
         ]
     )
     app[CONFIG] = config
