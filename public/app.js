@@ -1,0 +1,321 @@
+// The page's controller: it owns the connection and the rooms, and keeps the view in step.
+//
+// Two rules shape it:
+// - Rooms other than general are per socket, and history only comes on request, so every
+//   `welcome` (first connect, reconnect, new session) re-joins the page's rooms and catches
+//   each up from the last message id it holds.
+// - When this page logs in, registers or logs out, the server ends the old socket's session
+//   *before* the HTTP answer sets the new cookie. So the page ignores that ending and opens a
+//   new connection only once the answer has arrived; an ending it did not ask for (another
+//   tab, expiry) is shown, and the page reconnects with whatever session the cookie now holds.
+
+import * as api from "./js/api.js";
+import { Connection } from "./js/connection.js";
+import { HISTORY_PAGE, Rooms } from "./js/rooms.js";
+import * as view from "./js/view.js";
+import { el } from "./js/view.js";
+
+const CATCH_UP_PAGE = 100; // the largest page `history` gives
+const RECOVER_DELAY_MS = 1500;
+const RECOVER_DELAY_MAX_MS = 30000;
+
+const rooms = new Rooms();
+let me = null; // {name, account}
+let connection = null;
+let ready = false; // welcomed, and every room joined again
+let switching = 0; // log in / register / log out requests in flight
+let endedWhileSwitching = false;
+let recoverTimer = null;
+let recoverDelay = RECOVER_DELAY_MS;
+let loadingOlder = false;
+
+// -- connection and session ---------------------------------------------------
+
+function connect() {
+  connection?.close();
+  connection = new Connection({
+    welcome: onWelcome,
+    chat: onChat,
+    presence: onPresence,
+    error: showError,
+    dropped: () => {
+      ready = false;
+      view.showStatus("Reconnecting");
+    },
+    ended: onEnded,
+  });
+  ready = false;
+  view.showStatus("Connecting");
+}
+
+async function onWelcome(welcome) {
+  const current = connection;
+  recoverDelay = RECOVER_DELAY_MS;
+  setIdentity(welcome);
+  if (!rooms.has("general")) current.request("leave", { room: "general" }).catch(showError); // the server always puts us there
+  await Promise.all(rooms.all.map((room) => resync(current, room, welcome)));
+  if (current !== connection) return;
+  ready = true;
+  view.showStatus("Online");
+  maybeLoadOlder();
+}
+
+/** Get a room back after (re)connecting: general comes with `welcome`, the others are joined again. */
+async function resync(current, room, welcome) {
+  try {
+    const { history, online } = room.name === "general" ? welcome : await current.request("join", { room: room.name });
+    await catchUp(current, room, history, online);
+  } catch (error) {
+    if (error.code === "invalid_room" || error.code === "too_many_rooms") dropRoom(room.name); // e.g. a stale saved room
+    showError(error);
+  }
+}
+
+/**
+ * Merge a (re)join's latest history, then ask for what came after the last message we held,
+ * page by page, when that history does not reach back to it.
+ */
+async function catchUp(current, room, history, online) {
+  const since = room.lastId;
+  if (since === null) room.hasOlder = history.length >= HISTORY_PAGE;
+  room.online = online;
+  if (room.name === rooms.current) view.renderOnline(room, me);
+  addMessages(room, history, since ?? Infinity);
+  if (since === null || !history.length || history[0].id <= since) return;
+  for (let after = since; ; ) {
+    const { messages } = await current.request("history", { room: room.name, after, limit: CATCH_UP_PAGE });
+    addMessages(room, messages, since);
+    if (messages.length < CATCH_UP_PAGE) return;
+    after = messages[messages.length - 1].id;
+  }
+}
+
+function onEnded(reason) {
+  ready = false;
+  if (switching) {
+    endedWhileSwitching = true; // the answer to our own request reconnects
+    return;
+  }
+  view.showStatus("Session ended");
+  view.showNotice(`${ENDINGS[reason] ?? "The server ended this session."} Reconnecting…`);
+  scheduleRecovery();
+}
+
+const ENDINGS = {
+  logout: "You were logged out in another tab.",
+  login: "Someone logged in with this session in another tab.",
+  expired: "Your session expired.",
+};
+
+function scheduleRecovery() {
+  clearTimeout(recoverTimer);
+  recoverTimer = setTimeout(recover, recoverDelay);
+  recoverDelay = Math.min(recoverDelay * 2, RECOVER_DELAY_MAX_MS);
+}
+
+/**
+ * Connect with the session the cookie holds now. GET /api/session first: it issues a guest
+ * session when the cookie has none (or an ended one), so the handshake is never refused for that.
+ */
+async function recover() {
+  const before = connection;
+  let identity;
+  try {
+    identity = await api.getSession();
+  } catch {
+    scheduleRecovery(); // the server is unreachable: try again later
+    return;
+  }
+  if (switching || connection !== before) return; // a log in or out got there first
+  setIdentity(identity);
+  connect();
+}
+
+/** Log in, register or log out; on success the old socket is gone and a new one carries the new cookie. */
+async function switchSession(request) {
+  switching += 1;
+  let identity;
+  try {
+    identity = await request();
+  } catch (error) {
+    if (endedWhileSwitching && switching === 1) scheduleRecovery();
+    throw error;
+  } finally {
+    switching -= 1;
+    if (!switching) endedWhileSwitching = false;
+  }
+  clearTimeout(recoverTimer);
+  setIdentity(identity);
+  connect();
+}
+
+function setIdentity({ name, account }) {
+  const changed = !me || me.name !== name || me.account !== account;
+  me = { name, account };
+  view.showIdentity(me);
+  if (changed) {
+    view.forgetMessageNodes(); // which messages are "mine" changed
+    view.renderRoom(rooms.get(rooms.current), me);
+  }
+}
+
+// -- events from the server ------------------------------------------------------
+
+function onChat(message) {
+  const room = rooms.get(message.room);
+  if (!room) return;
+  addMessages(room, [message], 0);
+  if (message.room === rooms.current && !view.isMine(message, me)) view.announce(`${message.name}: ${message.msg}`);
+}
+
+function onPresence({ room: name, online }) {
+  const room = rooms.get(name);
+  if (!room) return;
+  room.online = online;
+  if (name === rooms.current) view.renderOnline(room, me);
+}
+
+/** Merge new messages into a room; those with ids above `unreadAbove` count as unread when the room is not shown. */
+function addMessages(room, messages, unreadAbove) {
+  const added = room.merge(messages);
+  if (room.name === rooms.current) {
+    if (added.length) view.insertMessages(room, added, me);
+    return;
+  }
+  const unread = added.filter((m) => m.id > unreadAbove).length;
+  if (unread) {
+    room.unread += unread;
+    view.renderRooms(rooms, selectRoom);
+  }
+}
+
+function showError(error) {
+  if (error.code === "rate_limited" && error.retryAfter != null) {
+    const seconds = Math.max(0.1, Math.ceil(error.retryAfter * 10) / 10);
+    view.showNotice(`${error.message} You can send again in ${seconds} s.`, seconds);
+  } else {
+    view.showNotice(error.message);
+  }
+}
+
+// -- what the user does ---------------------------------------------------------
+
+function selectRoom(name) {
+  rooms.select(name);
+  view.renderRooms(rooms, selectRoom);
+  view.renderRoom(rooms.get(name), me);
+  view.setMenuOpen(false);
+  maybeLoadOlder();
+}
+
+function dropRoom(name) {
+  rooms.remove(name);
+  view.renderRooms(rooms, selectRoom);
+  view.renderRoom(rooms.get(rooms.current), me);
+}
+
+async function loadOlder() {
+  const room = rooms.get(rooms.current);
+  if (!room?.hasOlder || room.firstId === null || loadingOlder || !ready) return;
+  loadingOlder = true;
+  view.showOlderButton(room, true);
+  try {
+    const query = { room: room.name, before: room.firstId, limit: HISTORY_PAGE };
+    const { messages } = await connection.request("history", query);
+    room.hasOlder = messages.length >= HISTORY_PAGE;
+    const added = room.merge(messages);
+    if (room.name === rooms.current) view.insertMessages(room, added, me, true);
+  } catch (error) {
+    showError(error);
+  } finally {
+    loadingOlder = false;
+    if (room.name === rooms.current) view.showOlderButton(room, false);
+  }
+  maybeLoadOlder();
+}
+
+/** Infinite scroll: fetch older messages while the reader is near the top. */
+function maybeLoadOlder() {
+  if (el.log.scrollTop < 150) loadOlder();
+}
+
+el.log.addEventListener("scroll", maybeLoadOlder, { passive: true });
+el.older.addEventListener("click", loadOlder);
+
+el.sendForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = el.message.value;
+  if (!text.trim() || !rooms.current) return;
+  el.message.value = ""; // at once, so fast typists can go on; put back if it fails
+  try {
+    await connection.request("send chat", { msg: text, room: rooms.current });
+  } catch (error) {
+    if (!el.message.value) el.message.value = text;
+    showError(error);
+  }
+});
+
+el.joinForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const name = el.joinRoom.value.trim().replace(/^#/, "").toLowerCase();
+  if (!name) return;
+  try {
+    if (!rooms.has(name)) {
+      const answer = await connection.request("join", { room: name });
+      await catchUp(connection, rooms.add(answer.room), answer.history, answer.online);
+    }
+    el.joinRoom.value = "";
+    selectRoom(name);
+    el.message.focus();
+  } catch (error) {
+    showError(error);
+  }
+});
+
+el.leave.addEventListener("click", async () => {
+  const name = rooms.current;
+  try {
+    await connection.request("leave", { room: name });
+    dropRoom(name);
+  } catch (error) {
+    showError(error);
+  }
+});
+
+el.authForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const register = event.submitter?.value === "register";
+  const username = el.username.value.trim();
+  const password = el.password.value;
+  el.authError.textContent = "";
+  try {
+    await switchSession(() => (register ? api.register(username, password) : api.logIn(username, password)));
+    el.authForm.reset();
+    el.logout.focus();
+  } catch (error) {
+    el.authError.textContent = error.message;
+  }
+});
+
+el.logout.addEventListener("click", async () => {
+  try {
+    await switchSession(api.logOut);
+    el.username.focus();
+  } catch (error) {
+    view.showNotice(error.message);
+  }
+});
+
+el.menuToggle.addEventListener("click", () => view.setMenuOpen(el.menuToggle.getAttribute("aria-expanded") !== "true"));
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && document.body.classList.contains("menu-open")) {
+    view.setMenuOpen(false);
+    el.menuToggle.focus();
+  }
+});
+
+// -- start ----------------------------------------------------------------------
+
+view.renderRooms(rooms, selectRoom);
+view.renderRoom(rooms.get(rooms.current), me);
+recover();

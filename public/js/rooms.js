@@ -1,0 +1,111 @@
+// The page's model of its rooms: messages kept sorted by id without duplicates,
+// the online list, unread counts and how far back history has been loaded.
+
+export const HISTORY_PAGE = 50; // what welcome/join carry, and what we ask for when scrolling back
+
+export class Room {
+  constructor(name) {
+    this.name = name;
+    this.messages = []; // sorted by id
+    this.ids = new Set();
+    this.online = [];
+    this.unread = 0;
+    this.hasOlder = true; // false once the start of the room's history is loaded
+  }
+
+  get firstId() {
+    return this.messages.length ? this.messages[0].id : null;
+  }
+
+  get lastId() {
+    return this.messages.length ? this.messages[this.messages.length - 1].id : null;
+  }
+
+  /** Add messages in any order, skipping ids already held; returns the ones that were new. */
+  merge(messages) {
+    const added = [];
+    for (const message of messages) {
+      if (this.ids.has(message.id)) continue;
+      this.ids.add(message.id);
+      this.messages.splice(this.#insertionIndex(message.id), 0, message);
+      added.push(message);
+    }
+    return added;
+  }
+
+  /** The message that follows `message` (by id), or null: where to insert it in the DOM. */
+  after(message) {
+    const index = this.#insertionIndex(message.id);
+    return this.messages[index + 1] ?? null;
+  }
+
+  #insertionIndex(id) {
+    let low = 0;
+    let high = this.messages.length;
+    while (low < high) {
+      const mid = (low + high) >> 1;
+      if (this.messages[mid].id < id) low = mid + 1;
+      else high = mid;
+    }
+    return low;
+  }
+}
+
+/** The rooms this page wants to be in, in the order they were joined. */
+export class Rooms {
+  static #storageKey = "chatd.rooms";
+
+  constructor() {
+    this.byName = new Map();
+    this.current = null;
+    // Per tab, so that a reload keeps its rooms but a new tab starts in general.
+    const saved = JSON.parse(sessionStorage.getItem(Rooms.#storageKey) || '["general"]');
+    for (const name of saved) this.add(name);
+    this.current = this.byName.keys().next().value ?? null;
+  }
+
+  get(name) {
+    return this.byName.get(name) ?? null;
+  }
+
+  has(name) {
+    return this.byName.has(name);
+  }
+
+  get all() {
+    return [...this.byName.values()];
+  }
+
+  get totalUnread() {
+    return this.all.reduce((sum, room) => sum + room.unread, 0);
+  }
+
+  add(name) {
+    if (!this.byName.has(name)) {
+      this.byName.set(name, new Room(name));
+      this.#save();
+    }
+    return this.byName.get(name);
+  }
+
+  remove(name) {
+    const names = [...this.byName.keys()];
+    const index = names.indexOf(name);
+    this.byName.delete(name);
+    if (this.current === name) {
+      // Select the neighbour, as closing a tab does.
+      const rest = names.filter((n) => n !== name);
+      this.current = rest[Math.min(index, rest.length - 1)] ?? null;
+    }
+    this.#save();
+  }
+
+  select(name) {
+    this.current = name;
+    this.get(name).unread = 0;
+  }
+
+  #save() {
+    sessionStorage.setItem(Rooms.#storageKey, JSON.stringify([...this.byName.keys()]));
+  }
+}

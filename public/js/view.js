@@ -1,0 +1,183 @@
+// Everything the page draws. User text (names, messages, room names) only ever
+// goes into the DOM through textContent, never as HTML.
+
+const byId = (id) => document.getElementById(id);
+
+export const el = Object.fromEntries(
+  [
+    "status", "status-line", "me-name", "me-kind", "auth-form", "auth-error", "signed-in", "account-name",
+    "logout", "username", "password", "room-list", "join-form", "join-room", "online-heading",
+    "online-list", "room-title", "leave", "log", "older", "messages", "notice", "send-form", "message",
+    "announcer", "menu-toggle", "menu-unread", "sidebar",
+  ].map((id) => [id.replace(/-(\w)/g, (_, c) => c.toUpperCase()), byId(id)]),
+);
+
+/** A new element with optional class and text (as text). */
+function make(tag, className = "", text = null) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+// -- identity and connection ------------------------------------------------
+
+const STATES = { Connecting: "connecting", Online: "online", Reconnecting: "reconnecting", "Session ended": "ended" };
+
+export function showStatus(text) {
+  el.status.textContent = text;
+  el.statusLine.dataset.state = STATES[text];
+}
+
+export function showIdentity(me) {
+  el.meName.textContent = me.name;
+  el.meKind.textContent = me.account ? "account" : "guest";
+  el.meKind.classList.toggle("is-account", Boolean(me.account));
+  el.authForm.hidden = Boolean(me.account);
+  el.signedIn.hidden = !me.account;
+  el.accountName.textContent = me.account ?? "";
+}
+
+export const isMine = (message, me) =>
+  me !== null && (me.account ? message.account === me.account : message.account === null && message.name === me.name);
+
+// -- notices ------------------------------------------------------------------
+
+let noticeTimer = null;
+
+export function showNotice(text, seconds = 6) {
+  clearTimeout(noticeTimer);
+  el.notice.textContent = text;
+  el.notice.hidden = false;
+  noticeTimer = setTimeout(() => (el.notice.hidden = true), Math.max(seconds, 2) * 1000);
+}
+
+export function announce(text) {
+  el.announcer.textContent = text;
+}
+
+// -- rooms --------------------------------------------------------------------
+
+export function renderRooms(rooms, onSelect) {
+  const items = rooms.all.map((room) => {
+    const button = make("button", "room-button");
+    button.type = "button";
+    button.dataset.room = room.name;
+    if (room.name === rooms.current) button.setAttribute("aria-current", "true");
+    button.append(make("span", "hash", "#"), make("span", "room-name", room.name));
+    if (room.unread) {
+      const badge = make("span", "badge", String(room.unread));
+      badge.append(make("span", "visually-hidden", " unread"));
+      button.append(badge);
+    }
+    button.addEventListener("click", () => onSelect(room.name));
+    const item = make("li");
+    item.append(button);
+    return item;
+  });
+  // Rebuilding the list must not throw a keyboard user's focus away.
+  const focused = el.roomList.contains(document.activeElement) ? document.activeElement.dataset.room : null;
+  el.roomList.replaceChildren(...items);
+  if (focused) el.roomList.querySelector(`[data-room="${CSS.escape(focused)}"]`)?.focus();
+
+  const unread = rooms.totalUnread;
+  el.menuUnread.hidden = unread === 0;
+  el.menuUnread.replaceChildren(String(unread), make("span", "visually-hidden", " unread"));
+  document.title = `${unread ? `(${unread}) ` : ""}${rooms.current ? `#${rooms.current} · ` : ""}chatd`;
+}
+
+export function renderOnline(room, me) {
+  const members = room?.online ?? [];
+  el.onlineHeading.textContent = room ? `Online in #${room.name} (${members.length})` : "Online";
+  el.onlineList.replaceChildren(
+    ...members.map((member) => {
+      const item = make("li", "member");
+      item.append(make("span", `avatar c${colour(member.name)}`, member.name.charAt(0).toUpperCase()));
+      item.append(make("span", "member-name", member.name));
+      if (me && member.name === me.name && member.account === me.account) item.append(make("span", "tag", "you"));
+      else if (member.account) item.append(make("span", "tag is-account", "account"));
+      return item;
+    }),
+  );
+}
+
+// -- messages -----------------------------------------------------------------
+
+const timeOnly = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const dayAndTime = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+const fullDate = new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "medium" });
+
+function colour(name) {
+  let hash = 0;
+  for (const char of name) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
+  return hash % 8;
+}
+
+// One <li> per message object, made once; rebuilt when "mine" may have changed.
+let nodes = new WeakMap();
+
+function messageNode(message, me) {
+  let item = nodes.get(message);
+  if (item) return item;
+  const date = new Date(message.ts * 1000);
+  const time = make("time", "", (sameDay(date, new Date()) ? timeOnly : dayAndTime).format(date));
+  time.dateTime = date.toISOString();
+  time.title = fullDate.format(date);
+  const author = make("span", `author c${colour(message.name)}`, message.name);
+  if (message.account) author.classList.add("is-account");
+  const meta = make("p", "meta");
+  meta.append(author, " ", time);
+  item = make("li", isMine(message, me) ? "message mine" : "message");
+  item.dataset.id = message.id;
+  item.append(meta, make("p", "text", message.msg));
+  nodes.set(message, item);
+  return item;
+}
+
+const sameDay = (a, b) => a.toDateString() === b.toDateString();
+
+export function forgetMessageNodes() {
+  nodes = new WeakMap();
+}
+
+/** Show a room: its title, all its messages (scrolled to the newest), its online list. */
+export function renderRoom(room, me) {
+  el.roomTitle.textContent = room ? `#${room.name}` : "No room";
+  el.leave.hidden = !room;
+  el.message.placeholder = room ? `Message #${room.name}` : "Join a room to chat";
+  el.messages.classList.toggle("no-room", !room);
+  el.messages.replaceChildren(...(room ? room.messages.map((m) => messageNode(m, me)) : []));
+  showOlderButton(room, false);
+  el.log.scrollTop = el.log.scrollHeight;
+  renderOnline(room, me);
+}
+
+/**
+ * Put newly merged messages of the shown room in place. Older ones (scroll-back)
+ * keep the reader's view still; newer ones follow a reader who is at the bottom.
+ */
+export function insertMessages(room, added, me, older = false) {
+  const { log } = el;
+  const fromBottom = log.scrollHeight - log.scrollTop;
+  const atBottom = fromBottom - log.clientHeight < 48;
+  // Highest id first, so that each message's successor is already in place.
+  for (const message of [...added].sort((a, b) => b.id - a.id)) {
+    const next = room.after(message);
+    el.messages.insertBefore(messageNode(message, me), next ? messageNode(next, me) : null);
+  }
+  if (older) log.scrollTop = log.scrollHeight - fromBottom; // scroll-back: the view stays put
+  else if (atBottom) log.scrollTop = log.scrollHeight;
+}
+
+export function showOlderButton(room, loading) {
+  el.older.hidden = !room?.hasOlder;
+  el.older.disabled = loading;
+  el.older.textContent = loading ? "Loading older messages…" : "Load older messages";
+}
+
+// -- the mobile menu ----------------------------------------------------------
+
+export function setMenuOpen(open) {
+  el.menuToggle.setAttribute("aria-expanded", String(open));
+  document.body.classList.toggle("menu-open", open);
+}
