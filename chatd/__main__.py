@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .config import Config, ConfigError, config_from_args, generate_key, load_secret_keys
 from .storage import StorageError
-from .web import create_app
+from .web import REALTIME, create_app
 
 log = logging.getLogger("chatd")
 access_log = logging.getLogger("chatd.access")
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Access logs only at debug level: request lines are noise at scale.
     access_log.setLevel(logging.DEBUG if config.log_level == "debug" else logging.WARNING)
+    # aiosqlite logs every statement with its parameters (session ids, password hashes)
+    # at debug level: never let those reach a log.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop does not build everywhere
@@ -43,11 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     try:
         runner(serve(config))
-    except StorageError as exc:
+    except (ConfigError, StorageError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. the port is taken
-        print(f"chatd: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -58,7 +58,10 @@ async def serve(config: Config) -> None:
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # the port is taken, the address is not ours, ...
+            raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
         for host, port in (a[:2] for a in runner.addresses):
             shown = f"[{host}]" if ":" in host else host
             print(f"chatd: serving on http://{shown}:{port}/", flush=True)
@@ -71,6 +74,11 @@ async def serve(config: Config) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        # Close the sockets before aiohttp's shutdown starts: from then on it ignores
+        # what clients send, so websockets could not finish their closing handshake
+        # and would hold the exit up for the whole shutdown timeout.
+        await app[REALTIME].close_all()
+        await asyncio.sleep(0.1)  # let the clients' close frames arrive
     finally:
         await runner.cleanup()
 

@@ -216,6 +216,9 @@ class ChatdProcess:
 
     def __init__(self, *args: str, data_dir: Path, port: int | None = None, env: dict | None = None) -> None:
         self.port = port or free_port()
+        self.data_dir = data_dir
+        # Logs go to a file, not a pipe: an unread pipe would block a chatty server.
+        self.log_path = data_dir.parent / f"chatd-{self.port}.log"
         self.args = ["--port", str(self.port), "--data-dir", str(data_dir), *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -223,14 +226,16 @@ class ChatdProcess:
 
     def start(self, timeout: float = 10.0) -> str:
         """Start and wait for the 'serving on' line; the base URL."""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatd", *self.args],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chatd", *self.args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
@@ -239,7 +244,7 @@ class ChatdProcess:
                 if "serving on" in line:
                     return self.url
             if self.proc.poll() is not None:
-                raise RuntimeError(f"chatd exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise RuntimeError(f"chatd exited {self.proc.returncode}: {self.proc_output}")
         raise RuntimeError("chatd did not start in time")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
@@ -250,7 +255,11 @@ class ChatdProcess:
             return self.proc.wait(timeout)
         finally:
             self.proc.stdout.close()
-            self.proc.stderr.close()
+
+    @property
+    def proc_output(self) -> str:
+        """Everything the process wrote to stderr (its log) so far."""
+        return self.log_path.read_text() if self.log_path.exists() else ""
 
 
 @pytest.fixture
