@@ -1,0 +1,96 @@
+"""Socket.IO handshakes per second against chatd, with and without each tuning choice.
+
+    .venv/bin/python bench/handshakes.py [--seconds 5] [--concurrency 50]
+
+Starts `bench/serve_variant.py` once per variant (each in its own process, on
+its own port and data dir), then runs handshakes from this process: a
+websocket to /socket.io/ carrying a valid session cookie, the namespace
+CONNECT, the `welcome` event, close. Prints one line per variant. Numbers
+depend on the machine; compare the lines of one run with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VARIANTS = {
+    "chatd as shipped (uvloop, orjson, gc.freeze, async_handlers=False)": [],
+    "  without uvloop": ["--asyncio"],
+    "  without orjson": ["--stdlib-json"],
+    "  without gc.freeze": ["--no-gc-freeze"],
+    "  with async_handlers=True": ["--async-handlers"],
+    "library defaults (none of the four)": ["--asyncio", "--stdlib-json", "--no-gc-freeze", "--async-handlers"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def handshake(http: aiohttp.ClientSession, url: str, cookie: str) -> None:
+    async with http.ws_connect(url, headers={"Cookie": f"chatd_session={cookie}"}) as ws:
+        assert (await ws.receive_str()).startswith("0{")
+        await ws.send_str("40")
+        while not (await ws.receive_str()).startswith("40"):
+            pass  # `welcome` comes just before the CONNECT answer
+
+
+async def measure(base: str, seconds: float, concurrency: int) -> float:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        async with http.get(base + "/api/session") as response:
+            cookie = response.cookies["chatd_session"].value
+        url = base.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+        for _ in range(50):  # warm up
+            await handshake(http, url, cookie)
+        done = 0
+        deadline = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.monotonic() < deadline:
+                await handshake(http, url, cookie)
+                done += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.monotonic() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=50)
+    args = parser.parse_args()
+    for label, flags in VARIANTS.items():
+        with tempfile.TemporaryDirectory() as data_dir:
+            port = free_port()
+            server = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "serve_variant.py"), str(port), data_dir, *flags],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert server.stdout.readline().strip() == "ready"
+                rate = asyncio.run(measure(f"http://127.0.0.1:{port}", args.seconds, args.concurrency))
+            finally:
+                server.terminate()
+                server.wait()
+        print(f"{label:<70} {rate:8.0f} handshakes/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
