@@ -9,6 +9,7 @@ methods.
 from __future__ import annotations
 
 import abc
+import asyncio
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -112,7 +113,7 @@ class SqliteStorage(Storage):
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            self._db = await self._connect()
             await self.db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before we ack the message it holds.
             await self.db.execute("PRAGMA synchronous=FULL")
@@ -121,6 +122,18 @@ class SqliteStorage(Storage):
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StorageError(f"cannot open database {self.path}: {exc}") from None
+
+    async def _connect(self) -> aiosqlite.Connection:
+        connection = aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            return await connection
+        except BaseException:
+            # aiosqlite stops its worker thread without waiting for it; wait here, or the
+            # thread may report back to an event loop that start-up has already closed.
+            thread = getattr(connection, "_thread", None)
+            if thread is not None:
+                await asyncio.to_thread(thread.join, 1.0)
+            raise
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:
