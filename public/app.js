@@ -81,6 +81,7 @@ async function catchUp(current, room, history, online) {
   room.online = online;
   if (room.name === rooms.current) view.renderOnline(room, me);
   addMessages(room, history, since ?? Infinity);
+  if (room.name === rooms.current) view.showOlderButton(room, loadingOlder);
   if (since === null || !history.length || history[0].id <= since) return;
   for (let after = since; ; ) {
     const { messages } = await current.request("history", { room: room.name, after, limit: CATCH_UP_PAGE });

@@ -44,6 +44,17 @@ export class Connection {
     on("connect_error", (error) => {
       if (!this.socket.active) handlers.ended(error.data?.reason ?? error.message);
     });
+    // Back online (the laptop woke up, the network returned): try now, not when the backoff says.
+    this.onOnline = () => this.retryNow();
+    globalThis.addEventListener("online", this.onOnline);
+  }
+
+  /** While socket.io-client waits to reconnect, reconnect at once (and start its backoff afresh). */
+  retryNow() {
+    if (this.closed || this.socket.connected || !this.socket.active) return;
+    // Not connected, so this fires no "disconnect": it only cancels the pending attempt.
+    this.socket.disconnect();
+    this.socket.connect();
   }
 
   get connected() {
@@ -68,6 +79,7 @@ export class Connection {
 
   close() {
     this.closed = true;
+    globalThis.removeEventListener("online", this.onOnline);
     this.socket.disconnect();
   }
 }

@@ -39,6 +39,12 @@ export class Room {
     return this.messages[index + 1] ?? null;
   }
 
+  /** The message just before `message` (by id), or null. */
+  before(message) {
+    const index = this.#insertionIndex(message.id);
+    return this.messages[index - 1] ?? null;
+  }
+
   #insertionIndex(id) {
     let low = 0;
     let high = this.messages.length;

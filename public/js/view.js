@@ -64,7 +64,9 @@ export function renderRooms(rooms, onSelect) {
     button.type = "button";
     button.dataset.room = room.name;
     if (room.name === rooms.current) button.setAttribute("aria-current", "true");
-    button.append(make("span", "hash", "#"), make("span", "room-name", room.name));
+    const hash = make("span", "hash", "#");
+    hash.setAttribute("aria-hidden", "true"); // read "side", not "number sign side"
+    button.append(hash, make("span", "room-name", room.name));
     if (room.unread) {
       const badge = make("span", "badge", String(room.unread));
       badge.append(make("span", "visually-hidden", " unread"));
@@ -136,6 +138,21 @@ function messageNode(message, me) {
 
 const sameDay = (a, b) => a.toDateString() === b.toDateString();
 
+// Consecutive messages of one author within a few minutes form a group: only the first
+// shows the name and time (the others keep them for screen readers, visually hidden).
+const GROUP_SECONDS = 5 * 60;
+
+const continues = (previous, message) =>
+  previous !== null &&
+  previous.name === message.name &&
+  previous.account === message.account &&
+  message.ts - previous.ts < GROUP_SECONDS &&
+  sameDay(new Date(previous.ts * 1000), new Date(message.ts * 1000));
+
+function markGroup(room, message, me) {
+  messageNode(message, me).classList.toggle("continued", continues(room.before(message), message));
+}
+
 export function forgetMessageNodes() {
   nodes = new WeakMap();
 }
@@ -146,7 +163,15 @@ export function renderRoom(room, me) {
   el.leave.hidden = !room;
   el.message.placeholder = room ? `Message #${room.name}` : "Join a room to chat";
   el.messages.classList.toggle("no-room", !room);
-  el.messages.replaceChildren(...(room ? room.messages.map((m) => messageNode(m, me)) : []));
+  el.messages.replaceChildren(
+    ...(room
+      ? room.messages.map((m, i) => {
+          const node = messageNode(m, me);
+          node.classList.toggle("continued", continues(room.messages[i - 1] ?? null, m));
+          return node;
+        })
+      : []),
+  );
   showOlderButton(room, false);
   el.log.scrollTop = el.log.scrollHeight;
   renderOnline(room, me);
@@ -165,14 +190,23 @@ export function insertMessages(room, added, me, older = false) {
     const next = room.after(message);
     el.messages.insertBefore(messageNode(message, me), next ? messageNode(next, me) : null);
   }
+  for (const message of added) {
+    markGroup(room, message, me);
+    const next = room.after(message);
+    if (next) markGroup(room, next, me);
+  }
+  // Scroll last, once every height above is final.
   if (older) log.scrollTop = log.scrollHeight - fromBottom; // scroll-back: the view stays put
   else if (atBottom) log.scrollTop = log.scrollHeight;
 }
 
 export function showOlderButton(room, loading) {
-  el.older.hidden = !room?.hasOlder;
+  // The button sits above the messages: showing or hiding it must not move what the reader sees.
+  const fromBottom = el.log.scrollHeight - el.log.scrollTop;
+  el.older.hidden = !room?.hasOlder || room.firstId === null; // nothing shown yet: nothing to go back from
   el.older.disabled = loading;
   el.older.textContent = loading ? "Loading older messages…" : "Load older messages";
+  el.log.scrollTop = el.log.scrollHeight - fromBottom;
 }
 
 // -- the mobile menu ----------------------------------------------------------
