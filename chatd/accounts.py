@@ -8,7 +8,9 @@ thread of the loop's default executor.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from argon2 import PasswordHasher
@@ -41,11 +43,33 @@ def _bytes(password: str) -> bytes:
     return password.encode("utf-8", "surrogatepass")
 
 
+# Niceness of the hashing threads (and of the threads argon2 starts from them).
+HASH_THREAD_NICENESS = 10
+
+
+def _yield_to_the_loop() -> None:
+    """Run this hashing thread at a lower CPU priority than the event loop.
+
+    argon2 is CPU-bound and, with parallelism 4, runs four threads per hash: on
+    a busy machine they would otherwise take the CPU time the event loop needs
+    to keep chat moving. On Linux the nice value is per thread and inherited by
+    the threads a thread starts; elsewhere this does nothing.
+    """
+    if not HASH_THREAD_NICENESS:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
 class Accounts:
     def __init__(self, storage: Storage, *, hash_threads: int = 2) -> None:
         self.storage = storage
         self._hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory profile
-        self._pool = ThreadPoolExecutor(max_workers=hash_threads, thread_name_prefix="chatd-hash")
+        self._pool = ThreadPoolExecutor(
+            max_workers=hash_threads, thread_name_prefix="chatd-hash", initializer=_yield_to_the_loop
+        )
         self._dummy_hash: str | None = None
 
     async def _run(self, fn, *args):

@@ -30,15 +30,21 @@ class ChatRateLimiter(abc.ABC):
 
 
 class LoginThrottle(abc.ABC):
-    @abc.abstractmethod
-    async def retry_after(self, key: tuple[str, str]) -> int:
-        """0 when a login may be tried, else the whole seconds left in the blocked window."""
+    """Failed logins per (username, client address).
+
+    An attempt is counted as a failure *before* its password is checked, and
+    forgiven by `succeeded`: so that many attempts sent at once cannot all pass
+    the check while the first ones are still being hashed. (A shared version is
+    an INCR with an expiry on first use.)
+    """
 
     @abc.abstractmethod
-    async def failed(self, key: tuple[str, str]) -> None: ...
+    async def attempt(self, key: tuple[str, str]) -> int:
+        """0 when a login may be tried (it now counts as failed), else the whole seconds left in the window."""
 
     @abc.abstractmethod
-    async def succeeded(self, key: tuple[str, str]) -> None: ...
+    async def succeeded(self, key: tuple[str, str]) -> None:
+        """The attempt was right: forget the pair's failures."""
 
 
 @dataclass(slots=True)
@@ -91,22 +97,18 @@ class MemoryLoginThrottle(LoginThrottle):
             return None
         return entry
 
-    async def retry_after(self, key: tuple[str, str]) -> int:
-        now = time.monotonic()
-        entry = self._current(key, now)
-        if entry is None or entry.failures < self.allowed:
-            return 0
-        return max(1, math.ceil(entry.started + self.window - now))
-
-    async def failed(self, key: tuple[str, str]) -> None:
+    async def attempt(self, key: tuple[str, str]) -> int:
         now = time.monotonic()
         entry = self._current(key, now)
         if entry is None:
             if len(self._windows) >= PRUNE_ABOVE:
                 self._windows = {k: w for k, w in self._windows.items() if now - w.started < self.window}
             self._windows[key] = _Window(now, 1)
-        else:
-            entry.failures += 1
+            return 0
+        if entry.failures >= self.allowed:
+            return max(1, math.ceil(entry.started + self.window - now))
+        entry.failures += 1
+        return 0
 
     async def succeeded(self, key: tuple[str, str]) -> None:
         self._windows.pop(key, None)

@@ -153,13 +153,21 @@ async def _read_body(request: web.Request) -> bytes:
     return bytes(body)
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _parse_json(body: bytes) -> object:
     if not body.strip():
         return None  # an empty body; handlers that need one say invalid_request
     try:
-        return json.loads(body.decode("utf-8"))
+        # parse_constant: Python's json reads NaN and Infinity, which JSON has not.
+        return json.loads(body.decode("utf-8"), parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError):
         raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
+    except RecursionError:
+        # Valid JSON nested deeper than Python parses; no request of ours has that shape.
+        raise ApiError(400, "invalid_request", "The body is nested too deeply.") from None
 
 
 @web.middleware
@@ -229,14 +237,14 @@ async def login(request: web.Request) -> web.Response:
     username, password = _credentials(request)
     throttle = request.app[LOGIN_THROTTLE]
     key = (username.lower(), request.remote or "")
-    wait = await throttle.retry_after(key)
+    # Counted as failed before the (slow) check, so parallel attempts cannot outrun the limit.
+    wait = await throttle.attempt(key)
     if wait:
         raise ApiError(
             429, "too_many_attempts", "Too many failed logins; try again later.", headers={"Retry-After": str(wait)}
         )
     account = await request.app[ACCOUNTS].verify(username, password)
     if account is None:
-        await throttle.failed(key)
         raise ApiError(401, "invalid_credentials", "Wrong username or password.")
     await throttle.succeeded(key)
     user = await _switch_session(request, account, account, "login")
