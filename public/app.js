@@ -172,6 +172,9 @@ function onChat(message) {
 function onPresence({ room: name, online }) {
   const room = rooms.get(name);
   if (!room) return;
+  // While we are in a room, its list includes us. A list without us announces our own
+  // departure (the server is cutting this socket off, e.g. at shutdown): keep the last one.
+  if (me && !online.some((m) => m.name === me.name && m.account === me.account)) return;
   room.online = online;
   if (name === rooms.current) view.renderOnline(room, me);
 }
