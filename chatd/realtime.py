@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -44,21 +45,35 @@ Handler = Callable[[str, object], Awaitable[dict]]
 class OrjsonForSocketIO:
     """python-socketio's `json=` hook: orjson for speed.
 
-    Decoding falls back to the standard library for what orjson refuses (a
-    lone surrogate in a string), so that such a message reaches validation
-    and gets `invalid_message` instead of being dropped unanswered.
+    Both directions fall back to the standard library for what orjson refuses
+    (a lone surrogate in a string, an integer beyond 64 bits): decoding, so
+    that such a payload reaches validation and gets its error code instead of
+    being dropped unanswered; encoding, so that an emit never raises. (The hook
+    is python-socketio's class-wide `Packet.json`, so it also encodes for any
+    Socket.IO client in the same process.)
     """
 
     @staticmethod
     def dumps(obj, **_kwargs) -> str:
-        return orjson.dumps(obj).decode("utf-8")
+        try:
+            return orjson.dumps(obj).decode("utf-8")
+        except TypeError:  # orjson.JSONEncodeError included
+            return json.dumps(obj, separators=(",", ":"))
 
     @staticmethod
     def loads(text, **_kwargs):
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return json.loads(text)
+        # orjson reads an integer beyond 64 bits as a float; the standard library
+        # keeps it an integer, so such an id is the same type whatever else the
+        # payload holds. Only a run of 19+ digits can be one.
+        if not _LONG_DIGITS.search(text):
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError:
+                pass
+        return json.loads(text)
+
+
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
 
 
 def chat_room(name: str) -> str:
@@ -90,12 +105,39 @@ class ChatServer(socketio.AsyncServer):
         super().__init__(**kwargs)
         self.events: dict[str, Handler] = {}
 
+    async def _handle_eio_message(self, eio_sid, data):
+        """Decode one Socket.IO packet and dispatch it; a packet that cannot be read is dropped.
+
+        python-socketio's own version lets decoding errors (JSON nested too deep,
+        an integer of thousands of digits, an unknown packet type) escape into
+        Engine.IO, which logs a traceback for each, and it buffers binary
+        attachments for as long as a client keeps sending them. chatd's events
+        carry JSON only: a binary event is dispatched at once with its
+        placeholders in place of the bytes (so its payload is `invalid_request`,
+        or the bytes sit in a field that is ignored), and attachments are dropped.
+        """
+        if not isinstance(data, str):
+            return  # a binary attachment
+        try:
+            pkt = self.packet_class(encoded_packet=data)
+        except Exception:
+            log.debug("dropped an undecodable packet from %s", eio_sid, exc_info=True)
+            return
+        if pkt.packet_type == packet.CONNECT:
+            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+        elif pkt.packet_type == packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+        elif pkt.packet_type in (packet.EVENT, packet.BINARY_EVENT):
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        # ACK, BINARY_ACK, CONNECT_ERROR, unknown types: chatd never asks a client
+        # for an ack, so these can only be noise, and are dropped unanswered.
+
     async def _handle_event(self, eio_sid, namespace, id, data):  # noqa: A002 (python-socketio's name)
         namespace = namespace or "/"
         sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
         if sid is None or not self.manager.is_connected(sid, namespace):
             return
-        if not data or not isinstance(data[0], str) or data[0] not in self.events:
+        if not isinstance(data, list) or not data or not isinstance(data[0], str) or data[0] not in self.events:
             return
         event = data[0]
         try:
@@ -214,8 +256,15 @@ class Realtime:
 
         An Engine.IO close, not a Socket.IO disconnect: clients treat the former as a
         dropped connection and reconnect by themselves."""
-        if self.sio.eio.sockets:  # engine.io's disconnect() fails on an empty server
+        sockets = list(self.sio.eio.sockets.values())
+        if sockets:  # engine.io's disconnect() fails on an empty server
             await self.sio.eio.disconnect()
+        # The browser client (engine.io-client) ignores Engine.IO's CLOSE packet on a
+        # websocket and waits for the server to close it, which engine.io only does once
+        # the client has gone: without this, shutdown waited out aiohttp's timeouts (~6 s).
+        # A None in a socket's queue ends its writer, which closes the websocket.
+        for socket in sockets:
+            socket.queue.put_nowait(None)
 
     # -- events -------------------------------------------------------------
 

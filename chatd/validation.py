@@ -15,6 +15,10 @@ from .storage import HISTORY_DEFAULT, HISTORY_MAX
 ROOM_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 MSG_MAX = 2000
 DEFAULT_ROOM = "general"
+# The largest id storage can hold (SQLite and PostgreSQL: signed 64 bits). A
+# larger id is still a valid integer: it is clamped, so it pages back from the
+# newest message (`before`) or finds nothing (`after`).
+ID_MAX = 2**63 - 1
 
 
 class EventError(Exception):
@@ -25,9 +29,6 @@ class EventError(Exception):
         self.code = code
         self.message = message
         self.extra = extra
-
-
-_MISSING = object()
 
 
 def _field(payload: dict, name: str, kind: type, *, required: bool):
@@ -107,6 +108,8 @@ def parse_history(payload) -> HistoryQuery:
         raise EventError("invalid_request", "Give 'before' or 'after', not both.")
     if any(v is not None and v <= 0 for v in (before, after)):
         raise EventError("invalid_request", "Message ids are positive integers.")
+    before = None if before is None else min(before, ID_MAX)
+    after = None if after is None else min(after, ID_MAX)
     if limit is None:
         limit = HISTORY_DEFAULT
     elif not 1 <= limit <= HISTORY_MAX:

@@ -224,7 +224,7 @@ class ChatdProcess:
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> str:
+    def start(self, timeout: float = 20.0) -> str:
         """Start and wait for the 'serving on' line; the base URL."""
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
