@@ -5,14 +5,17 @@
 Starts `bench/serve_variant.py` once per variant (each in its own process, on
 its own port and data dir), then runs handshakes from this process: a
 websocket to /socket.io/ carrying a valid session cookie, the namespace
-CONNECT, the `welcome` event, close. Prints one line per variant. Numbers
-depend on the machine; compare the lines of one run with each other.
+CONNECT, the `welcome` event, close. Prints one line per variant: handshakes
+per second, and the server's own CPU time per handshake (from /proc, so it
+does not depend on how fast this client is). Numbers depend on the machine;
+compare the lines of one run with each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -48,7 +51,13 @@ async def handshake(http: aiohttp.ClientSession, url: str, cookie: str) -> None:
             pass  # `welcome` comes just before the CONNECT answer
 
 
-async def measure(base: str, seconds: float, concurrency: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(base: str, seconds: float, concurrency: int, pid: int) -> tuple[float, float]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         async with http.get(base + "/api/session") as response:
             cookie = response.cookies["chatd_session"].value
@@ -64,9 +73,10 @@ async def measure(base: str, seconds: float, concurrency: int) -> float:
                 await handshake(http, url, cookie)
                 done += 1
 
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu_seconds(pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.monotonic() - started)
+        elapsed, cpu = time.monotonic() - started, cpu_seconds(pid) - cpu_before
+        return done / elapsed, 1000 * cpu / done
 
 
 def main() -> None:
@@ -85,11 +95,13 @@ def main() -> None:
             )
             try:
                 assert server.stdout.readline().strip() == "ready"
-                rate = asyncio.run(measure(f"http://127.0.0.1:{port}", args.seconds, args.concurrency))
+                rate, cpu_ms = asyncio.run(
+                    measure(f"http://127.0.0.1:{port}", args.seconds, args.concurrency, server.pid)
+                )
             finally:
                 server.terminate()
                 server.wait()
-        print(f"{label:<70} {rate:8.0f} handshakes/s", flush=True)
+        print(f"{label:<70} {rate:6.0f} handshakes/s {cpu_ms:6.2f} ms server CPU each", flush=True)
 
 
 if __name__ == "__main__":

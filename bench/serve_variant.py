@@ -13,12 +13,13 @@ import asyncio
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
 
 from chatd.config import Config, load_secret_keys
-from chatd.web import REALTIME, create_app
+from chatd.web import REALTIME, STORAGE, create_app
 
 
 async def serve(port: int, data_dir: Path, flags: set[str]) -> None:
@@ -31,6 +32,9 @@ async def serve(port: int, data_dir: Path, flags: set[str]) -> None:
         sio.async_handlers = True
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    # A realistic `welcome`: a full page of history to serialise on every handshake.
+    for i in range(50):
+        await app[STORAGE].add_message("general", f"guest-{i:04d}", None, "a typical chat line " * 5, time.time())
     await web.TCPSite(runner, "127.0.0.1", port).start()
     if "--no-gc-freeze" not in flags:
         gc.collect()
