@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .config import Config, ConfigError, config_from_args, generate_key, load_secret_keys
 from .storage import StorageError
-from .web import REALTIME, create_app
+from .web import create_app
 
 log = logging.getLogger("chatd")
 access_log = logging.getLogger("chatd.access")
@@ -74,11 +74,6 @@ async def serve(config: Config) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
-        # Close the sockets before aiohttp's shutdown starts: from then on it ignores
-        # what clients send, so websockets could not finish their closing handshake
-        # and would hold the exit up for the whole shutdown timeout.
-        await app[REALTIME].close_all()
-        await asyncio.sleep(0.1)  # let the clients' close frames arrive
     finally:
         await runner.cleanup()
 

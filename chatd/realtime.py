@@ -255,16 +255,15 @@ class Realtime:
         """On shutdown: close every transport, so clients see the server go and reconnect later.
 
         An Engine.IO close, not a Socket.IO disconnect: clients treat the former as a
-        dropped connection and reconnect by themselves."""
-        sockets = list(self.sio.eio.sockets.values())
-        if sockets:  # engine.io's disconnect() fails on an empty server
-            await self.sio.eio.disconnect()
-        # The browser client (engine.io-client) ignores Engine.IO's CLOSE packet on a
-        # websocket and waits for the server to close it, which engine.io only does once
-        # the client has gone: without this, shutdown waited out aiohttp's timeouts (~6 s).
-        # A None in a socket's queue ends its writer, which closes the websocket.
-        for socket in sockets:
-            socket.queue.put_nowait(None)
+        dropped connection and reconnect by themselves. Never waiting for a socket's
+        queue to drain (engine.io's own `disconnect()` does, and hangs for good on a
+        socket whose client left as shutdown began), and ending each writer ourselves:
+        the browser client ignores Engine.IO's CLOSE on a websocket and waits for the
+        server to close it, which the writer does when it ends.
+        """
+        for socket in list(self.sio.eio.sockets.values()):
+            await socket.close(wait=False)  # sends CLOSE, runs the disconnect handlers
+            socket.queue.put_nowait(None)  # ends the writer, which closes a websocket
 
     # -- events -------------------------------------------------------------
 
