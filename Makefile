@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client/dist/socket.io.min.js
 
-.PHONY: run test install browser clean
+.PHONY: run test install system-deps clean
 
 run: install
 	$(PY) -m chatd
 
-test: install browser
+test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed $(VENDOR)/socket.io.min.js
@@ -28,17 +28,25 @@ $(VENDOR)/socket.io.min.js: package.json package-lock.json
 	mkdir -p $(VENDOR)
 	cp $(SIO_CLIENT) $(SIO_CLIENT).map $(VENDOR)/
 
-# The browser tests drive Debian's Chromium; install it when we can (root) and it is missing.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# What the tests start for themselves, from Debian's packages: Chromium (browser
+# tests), PostgreSQL, Redis and nginx (throwaway servers in temp dirs). Installed
+# when we can (root with apt-get) and missing.
+SYSTEM_PACKAGES := chromium:chromium initdb:postgresql redis-server:redis-server nginx:nginx-light
+
+system-deps:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+		cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+		command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || ls /usr/lib/postgresql/*/bin/$$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing Debian's chromium for the browser tests"; \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-				|| echo "warning: could not install chromium; browser tests will skip (or fail under CI=true)"; \
+			echo "installing Debian's$$missing for the tests"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+				|| echo "warning: could not install$$missing; the tests that need them will skip (or fail under CI=true)"; \
 		else \
-			echo "warning: chromium is missing; browser tests will skip (or fail under CI=true)"; \
+			echo "warning: missing$$missing; the tests that need them will skip (or fail under CI=true)"; \
 		fi; \
-	}
+	fi
 
 clean:
 	rm -rf $(VENV) node_modules $(VENDOR) *.egg-info .pytest_cache test-artifacts

@@ -34,6 +34,12 @@ class Config:
     secure_cookie: bool = False
     allow_origins: tuple[str, ...] = ()
     log_level: str = "info"
+    database_url: str | None = None  # None: SQLite in the data dir
+    redis_url: str | None = None  # None: one process, everything in memory
+    chat_burst: int = 20
+    chat_rate: float = 5.0  # messages per second; 0 switches the chat limit off
+    trusted_proxies: tuple[str, ...] = ()  # IP addresses or CIDR networks
+    metrics: bool = False
     # Fernet keys: the first encrypts, all of them decrypt.
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -59,6 +65,38 @@ def parse_int(text: str, source: str, minimum: int, maximum: int) -> int:
     if not minimum <= value <= maximum:
         raise ConfigError(f"{source}: must be between {minimum} and {maximum}, got {value}")
     return value
+
+
+def parse_float(text: str, source: str, minimum: float, maximum: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{source}: expected a number, got {text!r}") from None
+    if not minimum <= value <= maximum:  # also refuses nan
+        raise ConfigError(f"{source}: must be between {minimum:g} and {maximum:g}, got {text!r}")
+    return value
+
+
+def parse_network(text: str, source: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ConfigError(f"{source}: expected an IP address or a CIDR network, got {text!r}") from None
+
+
+def parse_url(text: str, source: str, schemes: tuple[str, ...]) -> str:
+    from yarl import URL
+
+    text = text.strip()
+    try:
+        scheme = URL(text).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in schemes:
+        raise ConfigError(f"{source}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    return text
 
 
 def parse_origin(text: str, source: str) -> str:
@@ -105,6 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="postgresql://… to keep accounts and messages in PostgreSQL (CHATD_DATABASE_URL; default SQLite in the data dir)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="redis://… shared by several chatd processes that are one chat (CHATD_REDIS_URL; default: one process)",
+    )
+    parser.add_argument(
+        "--chat-burst",
+        metavar="N",
+        help="messages a session may send at once before the rate applies (CHATD_CHAT_BURST; default 20)",
+    )
+    parser.add_argument(
+        "--chat-rate",
+        metavar="R",
+        help="messages per second a session's burst refills at; 0 switches the chat limit off (CHATD_CHAT_RATE; default 5)",
+    )
+    parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDR",
+        help=(
+            "a reverse proxy (IP address or CIDR network) whose X-Forwarded-For and X-Forwarded-Proto are believed; "
+            "repeatable (CHATD_TRUSTED_PROXY, comma-separated)"
+        ),
+    )
+    parser.add_argument(
+        "--metrics",
+        action="store_const",
+        const="true",
+        help="serve Prometheus metrics at GET /metrics (CHATD_METRICS)",
+    )
+    parser.add_argument(
         "--log-level",
         help="debug, info, warning or error (CHATD_LOG_LEVEL; default info)",
     )
@@ -129,11 +202,20 @@ def config_from_args(argv: list[str] | None = None, environ: dict[str, str] | No
     ttl, ttl_src = pick("session-ttl", args.session_ttl)
     secure, secure_src = pick("secure-cookie", args.secure_cookie)
     log_level, log_src = pick("log-level", args.log_level)
-    if args.allow_origin is not None:
-        origins = [(o, "--allow-origin") for o in args.allow_origin]
-    else:
-        raw = global_env.get("CHATD_ALLOW_ORIGIN", "")
-        origins = [(o, "CHATD_ALLOW_ORIGIN") for o in raw.split(",") if o.strip()]
+    database_url, database_src = pick("database-url", args.database_url)
+    redis_url, redis_src = pick("redis-url", args.redis_url)
+    burst, burst_src = pick("chat-burst", args.chat_burst)
+    rate, rate_src = pick("chat-rate", args.chat_rate)
+    metrics, metrics_src = pick("metrics", args.metrics)
+
+    def listed(flag: str, values: list[str] | None) -> list[tuple[str, str]]:
+        if values is not None:
+            return [(v, "--" + flag) for v in values]
+        name = "CHATD_" + flag.upper().replace("-", "_")
+        return [(v, name) for v in global_env.get(name, "").split(",") if v.strip()]
+
+    origins = listed("allow-origin", args.allow_origin)
+    proxies = listed("trusted-proxy", args.trusted_proxy)
 
     level = (log_level or defaults.log_level).lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -147,6 +229,12 @@ def config_from_args(argv: list[str] | None = None, environ: dict[str, str] | No
         secure_cookie=parse_bool(secure, secure_src) if secure is not None else False,
         allow_origins=tuple(parse_origin(o, src) for o, src in origins),
         log_level=level,
+        database_url=parse_url(database_url, database_src, ("postgresql", "postgres")) if database_url else None,
+        redis_url=parse_url(redis_url, redis_src, ("redis", "rediss", "unix")) if redis_url else None,
+        chat_burst=parse_int(burst, burst_src, 1, 1_000_000) if burst is not None else defaults.chat_burst,
+        chat_rate=parse_float(rate, rate_src, 0, 1_000_000) if rate is not None else defaults.chat_rate,
+        trusted_proxies=tuple(parse_network(p, src) for p, src in proxies),
+        metrics=parse_bool(metrics, metrics_src) if metrics is not None else False,
     )
 
 

@@ -20,11 +20,13 @@ from aiohttp import web
 
 from .accounts import Accounts, password_problem, username_problem
 from .config import Config
-from .limits import LoginThrottle, MemoryChatRateLimiter, MemoryLoginThrottle
-from .presence import MemoryPresence
+from .limits import LoginThrottle
+from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
+from .presence.memory import MemoryPresence
 from .realtime import Realtime
 from .sessions import Identity, SessionCookieStorage, guest_name, issue_session, read_session
-from .storage import SqliteStorage, Storage, StorageError
+from .storage import Storage, StorageError
+from .storage.sqlite import SqliteStorage
 
 # aiohttp-session 2.12 stores itself on the request under plain string keys.
 warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module=r"aiohttp_session")
@@ -292,7 +294,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
     app[REALTIME] = Realtime(
         storage=storage,
         presence=MemoryPresence(),
-        rate_limiter=MemoryChatRateLimiter(),
+        rate_limiter=MemoryChatRateLimiter(config.chat_burst, config.chat_rate),
         origin_allowed=origin_allowed,
     )
 

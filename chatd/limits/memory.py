@@ -1,50 +1,20 @@
-"""Rate limits: chat messages per session, failed logins per (username, address).
-
-Both live behind small interfaces so that a shared (Redis) version can replace
-the in-process one when chatd runs as several processes.
-"""
+"""Rate limits kept in this process."""
 
 from __future__ import annotations
 
-import abc
 import math
 import time
 from dataclasses import dataclass
 
-# SPEC: a burst of 20 messages, refilled at 5 per second, per session.
-CHAT_BURST = 20
-CHAT_REFILL_PER_SECOND = 5.0
-
-# SPEC: 5 failed logins for one username from one address within 15 minutes.
-LOGIN_FAILURES_ALLOWED = 5
-LOGIN_WINDOW_SECONDS = 15 * 60
-
-# Forget idle entries once there are this many, so memory stays bounded.
-PRUNE_ABOVE = 10_000
-
-
-class ChatRateLimiter(abc.ABC):
-    @abc.abstractmethod
-    async def take(self, session_id: str) -> float:
-        """Spend one token. 0 when allowed, else the seconds until a token is back."""
-
-
-class LoginThrottle(abc.ABC):
-    """Failed logins per (username, client address).
-
-    An attempt is counted as a failure *before* its password is checked, and
-    forgiven by `succeeded`: so that many attempts sent at once cannot all pass
-    the check while the first ones are still being hashed. (A shared version is
-    an INCR with an expiry on first use.)
-    """
-
-    @abc.abstractmethod
-    async def attempt(self, key: tuple[str, str]) -> int:
-        """0 when a login may be tried (it now counts as failed), else the whole seconds left in the window."""
-
-    @abc.abstractmethod
-    async def succeeded(self, key: tuple[str, str]) -> None:
-        """The attempt was right: forget the pair's failures."""
+from . import (
+    CHAT_BURST,
+    CHAT_REFILL_PER_SECOND,
+    LOGIN_FAILURES_ALLOWED,
+    LOGIN_WINDOW_SECONDS,
+    PRUNE_ABOVE,
+    ChatRateLimiter,
+    LoginThrottle,
+)
 
 
 @dataclass(slots=True)
@@ -60,6 +30,8 @@ class MemoryChatRateLimiter(ChatRateLimiter):
         self._buckets: dict[str, _Bucket] = {}
 
     async def take(self, session_id: str) -> float:
+        if self.per_second <= 0:
+            return 0.0  # --chat-rate 0: no chat limit
         now = time.monotonic()
         bucket = self._buckets.get(session_id)
         if bucket is None:
