@@ -1,11 +1,11 @@
-# `make run` and `make test` do the whole set-up from a fresh clone.
+# `make run` and `make test` do the whole set-up from a fresh clone; neither needs Node.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VENDOR := public/vendor
-SIO_CLIENT := node_modules/socket.io-client/dist/socket.io.min.js
+SIO_CLIENT := node_modules/socket.io-client
 
-.PHONY: run test install system-deps clean
+.PHONY: run test install vendor dist system-deps clean
 
 run: install
 	$(PY) -m chatd
@@ -13,7 +13,7 @@ run: install
 test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-install: $(VENV)/.installed $(VENDOR)/socket.io.min.js
+install: $(VENV)/.installed
 
 # The virtualenv, re-installed whenever the package metadata changes.
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -22,11 +22,21 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# The Socket.IO browser client, pinned in package-lock.json, served by chatd itself.
-$(VENDOR)/socket.io.min.js: package.json package-lock.json
+# A maintainer's tool: refresh the committed Socket.IO browser client from npm,
+# at the version package-lock.json pins (byte for byte what is committed, unless
+# the pin moved). Running and testing chatd never need it.
+vendor: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
-	mkdir -p $(VENDOR)
-	cp $(SIO_CLIENT) $(SIO_CLIENT).map $(VENDOR)/
+	rm -rf $(VENDOR) && mkdir -p $(VENDOR)
+	cp $(SIO_CLIENT)/dist/socket.io.min.js $(SIO_CLIENT)/dist/socket.io.min.js.map $(VENDOR)/
+	cp $(SIO_CLIENT)/LICENSE $(VENDOR)/socket.io-client.LICENSE
+	node -p 'require("./$(SIO_CLIENT)/package.json").version' > $(VENDOR)/socket.io-client.version
+
+# The wheel and the single-file zipapp (shiv; see README), both in dist/.
+dist: install
+	rm -rf dist build
+	$(PY) -m build --wheel --outdir dist .
+	$(VENV)/bin/shiv --quiet --reproducible --compressed -p '/usr/bin/env python3' -c chatd -o dist/chatd.pyz dist/chatd-*.whl
 
 # What the tests start for themselves, from Debian's packages: Chromium (browser
 # tests), PostgreSQL, Redis and nginx (throwaway servers in temp dirs). Installed
@@ -49,4 +59,4 @@ system-deps:
 	fi
 
 clean:
-	rm -rf $(VENV) node_modules $(VENDOR) *.egg-info .pytest_cache test-artifacts
+	rm -rf $(VENV) node_modules dist build *.egg-info .pytest_cache test-artifacts
