@@ -9,6 +9,7 @@ typed `web.AppKey`s. The session cookie is aiohttp-session's
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import logging
 import warnings
@@ -33,7 +34,19 @@ warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module=r"aiohtt
 
 log = logging.getLogger("chatd.web")
 
-PUBLIC_DIR = Path(__file__).resolve().parent.parent / "public"
+
+
+def _public_dir() -> Path:
+    """The page's files, inside the installed package (public/ in a checkout, through the chatd/public link)."""
+    files = importlib.resources.files("chatd") / "public"
+    # Editable installs, wheels and shiv's unpacked zipapp are all real folders,
+    # which aiohttp's static route needs.
+    if not isinstance(files, Path) or not files.is_dir():
+        raise RuntimeError(f"chatd's page is missing from the installed package ({files})")
+    return files
+
+
+PUBLIC_DIR = _public_dir()
 MAX_BODY_BYTES = 16 * 1024
 
 CONFIG = web.AppKey("config", Config)
@@ -101,8 +114,19 @@ async def api_errors(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if not is_api(request) or exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return ApiError(exc.status, code, exc.reason, headers=dict(exc.headers)).response()
+        return _api_error_for(request, exc).response()
+
+
+def _api_error_for(request: web.Request, exc: web.HTTPException) -> ApiError:
+    """aiohttp's own errors on /api/*, in SPEC's shape (only `Allow` of their headers matters)."""
+    if exc.status == 405:
+        allow = exc.headers.get("Allow", "")
+        return ApiError(
+            405, "method_not_allowed", f"{request.path} does not take {request.method}; use {allow}.", {"Allow": allow}
+        )
+    if exc.status == 404:
+        return ApiError(404, "not_found", f"There is no API route {request.path}.")
+    return ApiError(exc.status, "http_error", exc.reason)
 
 
 @web.middleware
@@ -110,7 +134,7 @@ async def cors(request: web.Request, handler) -> web.StreamResponse:
     """CORS with credentials for --allow-origin origins only, never `*`."""
     origin = request.headers.get("Origin")
     foreign_but_allowed = origin is not None and origin != own_origin(request) and origin_allowed(origin, request)
-    if request.method == "OPTIONS" and is_api(request):
+    if request.method == "OPTIONS" and is_api(request) and origin is not None:
         if not foreign_but_allowed:
             return ApiError(403, "forbidden_origin", "This origin may not call chatd's API.").response()
         response: web.StreamResponse = web.Response(
@@ -133,8 +157,8 @@ async def cors(request: web.Request, handler) -> web.StreamResponse:
 @web.middleware
 async def post_hygiene(request: web.Request, handler) -> web.StreamResponse:
     """Every POST: an allowed Origin, a JSON content type, a small body that parses."""
-    if request.method != "POST" or not is_api(request):
-        return await handler(request)
+    if request.method != "POST" or not is_api(request) or request.match_info.http_exception is not None:
+        return await handler(request)  # not ours, or the router's 404/405 comes first
     if not origin_allowed(request.headers.get("Origin"), request):
         raise ApiError(403, "forbidden_origin", "This origin may not call chatd's API.")
     if request.content_type != "application/json":
