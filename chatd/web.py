@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .accounts import Accounts, password_problem, username_problem
 from .config import Config
+from .forwarded import TrustedProxies
 from .limits import LoginThrottle
 from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
 from .presence.memory import MemoryPresence
@@ -87,6 +88,7 @@ class ApiError(Exception):
 
 
 def own_origin(request: web.Request) -> str:
+    # The scheme is X-Forwarded-Proto's behind a --trusted-proxy (forwarded.py); the host is always Host.
     return f"{request.scheme}://{request.host}"
 
 
@@ -262,6 +264,7 @@ async def register(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.Response:
     username, password = _credentials(request)
     throttle = request.app[LOGIN_THROTTLE]
+    # request.remote is the forwarded client address behind a --trusted-proxy (forwarded.py).
     key = (username.lower(), request.remote or "")
     # Counted as failed before the (slow) check, so parallel attempts cannot outrun the limit.
     wait = await throttle.attempt(key)
@@ -304,6 +307,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         # Outermost first. Errors are answered inside the session middleware,
         # so that even an error response carries the guest session it issued.
         middlewares=[
+            *([TrustedProxies(config.trusted_proxies).middleware] if config.trusted_proxies else []),
             cors,
             aiohttp_session.session_middleware(session_storage),
             ensure_session,
