@@ -28,6 +28,7 @@ from aiohttp import web
 from socketio import packet
 
 from .limits import ChatRateLimiter
+from .metrics import Metrics
 from .presence import Presence
 from .sessions import Identity, read_session
 from .storage import Storage
@@ -101,9 +102,10 @@ class ChatServer(socketio.AsyncServer):
     as `chat_error`; and nothing a handler raises escapes it.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, metrics: Metrics, **kwargs) -> None:
         super().__init__(**kwargs)
         self.events: dict[str, Handler] = {}
+        self.metrics = metrics
 
     async def _handle_eio_message(self, eio_sid, data):
         """Decode one Socket.IO packet and dispatch it; a packet that cannot be read is dropped.
@@ -147,6 +149,8 @@ class ChatServer(socketio.AsyncServer):
         except Exception:
             log.exception("event %r failed", event)
             result = {"ok": False, "error": "internal_error", "message": "The server could not do that; try again."}
+        if not result.get("ok"):
+            self.metrics.event_error(result["error"])
         try:
             if id is not None:
                 await self._send_packet(eio_sid, self.packet_class(packet.ACK, namespace=namespace, id=id, data=[result]))
@@ -167,7 +171,9 @@ class Realtime:
         presence: Presence,
         rate_limiter: ChatRateLimiter,
         origin_allowed: Callable[[str | None, web.Request], bool],
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.storage = storage
         self.presence = presence
         self.rate_limiter = rate_limiter
@@ -180,6 +186,7 @@ class Realtime:
             cors_allowed_origins=lambda origin, environ: origin_allowed(origin, environ["aiohttp.request"]),
             cors_credentials=True,
             async_handlers=False,
+            metrics=self.metrics,
         )
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
@@ -196,7 +203,9 @@ class Realtime:
         session = await read_session(environ["aiohttp.request"])
         user = session.user
         if user is None:
+            self.metrics.handshake_refused(session.rejected)
             raise socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
+        self.metrics.handshake_accepted()
         state = self.sockets[sid] = SocketState(user=user)
         state.expiry = asyncio.get_running_loop().call_later(
             max(0.0, user.expires_at - time.time()), self._expire_soon, sid
@@ -233,6 +242,12 @@ class Realtime:
         """Send a room its online list; called whenever its membership changed."""
         online = await self.presence.members(room)
         await self.sio.emit("presence", {"room": room, "online": online}, room=chat_room(room))
+
+    def online_counts(self) -> tuple[int, int, int]:
+        """For metrics: sockets, rooms with a socket, and sessions with a socket, on this process."""
+        states = self.sockets.values()
+        rooms = set().union(*(state.rooms for state in states))
+        return len(self.sockets), len(rooms), len({state.user.sid for state in states})
 
     # -- session endings ----------------------------------------------------
 
@@ -282,6 +297,7 @@ class Realtime:
                 "rate_limited", "You are sending too fast; wait a moment.", retry_after=round(wait + 0.0005, 3)
             )
         message = await self.storage.add_message(command.room, user.name, user.account, command.msg, time.time())
+        self.metrics.message_stored()
         await self.sio.emit("new chat", message, room=chat_room(command.room))
         return {"ok": True, "id": message["id"]}
 

@@ -9,6 +9,7 @@ typed `web.AppKey`s. The session cookie is aiohttp-session's
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
 import json
 import logging
@@ -18,12 +19,14 @@ from typing import AsyncIterator
 
 import aiohttp_session
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .accounts import Accounts, password_problem, username_problem
 from .config import Config
 from .forwarded import TrustedProxies
 from .limits import LoginThrottle
 from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
+from .metrics import Metrics
 from .presence.memory import MemoryPresence
 from .realtime import Realtime
 from .sessions import Identity, SessionCookieStorage, guest_name, issue_session, read_session
@@ -55,6 +58,7 @@ STORAGE = web.AppKey("storage", Storage)
 ACCOUNTS = web.AppKey("accounts", Accounts)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 REALTIME = web.AppKey("realtime", Realtime)
+METRICS = web.AppKey("metrics", Metrics)
 
 USER = web.RequestKey("user", Identity)
 BODY = web.RequestKey("body", object)
@@ -287,6 +291,11 @@ async def logout(request: web.Request) -> web.Response:
     return web.json_response(user.member())
 
 
+async def metrics_page(request: web.Request) -> web.Response:
+    body = await request.app[METRICS].exposition(*request.app[REALTIME].online_counts())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     try:
         await request.app[STORAGE].ping()
@@ -300,6 +309,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 def create_app(config: Config, *, storage: Storage | None = None) -> web.Application:
     storage = storage or SqliteStorage(config.database_path)
+    metrics = Metrics()
+    if config.metrics:
+        storage = metrics.timed(storage)  # the storage latency histogram
     session_storage = SessionCookieStorage(
         config.secret_keys, ttl=config.session_ttl, secure=config.secure_cookie, is_revoked=storage.is_revoked
     )
@@ -316,6 +328,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         ]
     )
     app[CONFIG] = config
+    app[METRICS] = metrics
     app[STORAGE] = storage
     app[ACCOUNTS] = Accounts(storage)
     app[LOGIN_THROTTLE] = MemoryLoginThrottle()
@@ -323,7 +336,8 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         storage=storage,
         presence=MemoryPresence(),
         rate_limiter=MemoryChatRateLimiter(config.chat_burst, config.chat_rate),
-        origin_allowed=origin_allowed,
+        origin_allowed=functools.partial(_socket_origin_allowed, metrics),
+        metrics=metrics,
     )
 
     app.router.add_get("/", index)
@@ -332,6 +346,8 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
     app.router.add_post("/api/login", login)
     app.router.add_post("/api/logout", logout)
     app.router.add_get("/healthz", healthz)
+    if config.metrics:
+        app.router.add_get("/metrics", metrics_page)
     app.router.add_static("/static/", PUBLIC_DIR)
     app[REALTIME].attach(app)
 
@@ -339,6 +355,14 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
     app.cleanup_ctx.append(_storage_lifetime)
     app.on_shutdown.append(_close_sockets)
     return app
+
+
+def _socket_origin_allowed(metrics: Metrics, origin: str | None, request: web.Request) -> bool:
+    """Engine.IO's origin check, counting refusals as refused handshakes."""
+    if origin_allowed(origin, request):
+        return True
+    metrics.handshake_refused("forbidden_origin")
+    return False
 
 
 async def _storage_lifetime(app: web.Application) -> AsyncIterator[None]:
