@@ -32,11 +32,12 @@ vendor: package.json package-lock.json
 	cp $(SIO_CLIENT)/LICENSE $(VENDOR)/socket.io-client.LICENSE
 	node -p 'require("./$(SIO_CLIENT)/package.json").version' > $(VENDOR)/socket.io-client.version
 
-# The wheel and the single-file zipapp (shiv; see README), both in dist/.
+# The wheel and the single-file zipapp (shiv; see README), both in $(DIST).
+DIST ?= dist
 dist: install
-	rm -rf dist build
-	$(PY) -m build --wheel --outdir dist .
-	$(VENV)/bin/shiv --quiet --reproducible --compressed -p '/usr/bin/env python3' -c chatd -o dist/chatd.pyz dist/chatd-*.whl
+	rm -rf $(DIST) build
+	$(PY) -m build --wheel --outdir $(DIST) .
+	$(PY) -m shiv --quiet --reproducible --compressed -p '/usr/bin/env python3' -c chatd -o $(DIST)/chatd.pyz $(DIST)/chatd-*.whl
 
 # What the tests start for themselves, from Debian's packages: Chromium (browser
 # tests), PostgreSQL, Redis and nginx (throwaway servers in temp dirs). Installed
