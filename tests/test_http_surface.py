@@ -165,10 +165,18 @@ bodies = st.one_of(
 framings = st.sampled_from(["length"] * 6 + ["chunked", "none", "short", "long"])
 cookies = st.one_of(st.none(), st.sampled_from(["chatd_session=", "chatd_session=garbage", "chatd_session=gAAAA"]),
                     st.builds(lambda v: "chatd_session=" + v, st.text(string.ascii_letters + "-_=", max_size=60)))
+forwarded_for = st.lists(st.ip_addresses().map(str), min_size=1, max_size=3).map(", ".join) | HEADER_TEXT
+forwarded_proto = st.sampled_from(["https", "http", "https, http", ""]) | HEADER_TEXT
 extra_headers = st.just([]) | st.lists(
-    st.tuples(st.sampled_from(["X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Host", "Expect",
-                               "Accept", "Connection", "Content-Encoding", "Transfer-Encoding", "Upgrade"]),
-              HEADER_TEXT),
+    st.one_of(
+        st.tuples(st.just("X-Forwarded-For"), forwarded_for),
+        st.tuples(st.just("X-Forwarded-Proto"), forwarded_proto),
+        st.tuples(
+            st.sampled_from(["X-Forwarded-Host", "Host", "Expect", "Accept", "Connection", "Content-Encoding",
+                             "Transfer-Encoding", "Upgrade"]),
+            HEADER_TEXT,
+        ),
+    ),
     max_size=3,
 )
 
@@ -205,7 +213,8 @@ def is_api_path(path: str) -> bool:
 
 
 async def test_whole_random_http_requests_never_get_a_5xx_and_api_errors_have_specs_shape(start_chatd):
-    base = await start_chatd(allow_origins=("http://127.0.0.1",))
+    # The fuzzer is a trusted proxy, so that its X-Forwarded-* headers are read too.
+    base = await start_chatd(allow_origins=("http://127.0.0.1",), trusted_proxies=("127.0.0.1",))
     port = yarl.URL(base).port
     loop = asyncio.get_running_loop()
     seen: dict[int, int] = {}
