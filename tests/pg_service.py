@@ -15,6 +15,7 @@ database per test). As root the server runs as the `postgres` user (initdb refus
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import glob
 import itertools
 import os
@@ -122,14 +123,21 @@ async def _admin(url: str, *statements: str) -> None:
         await conn.close()
 
 
+def _run_apart(coroutine) -> None:
+    """Run in a thread of its own: callable from sync code and from inside a running loop
+    alike, and never touches the loop pytest's fixtures use."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
+
+
 def create_database(server_url: str, name: str) -> str:
     """CREATE DATABASE name on the server; its URL."""
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE template0'))
+    _run_apart(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE template0'))
     return str(URL(server_url).with_path("/" + name))
 
 
 def drop_database(server_url: str, name: str) -> None:
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _run_apart(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 # -- pytest fixtures ---------------------------------------------------------------

@@ -22,8 +22,8 @@ MAX_ID = 2**63 - 1
 # Every table's columns, in the order `dump` yields and `load` takes them (copy-data).
 TABLES: dict[str, tuple[str, ...]] = {
     "accounts": ("username", "username_key", "password_hash", "created"),
-    "room_counters": ("room", "last_id"),
     "messages": ("room", "id", "name", "account", "msg", "ts"),
+    "room_counters": ("room", "last_id"),  # after messages: a copy's counters are never behind its ids
     "revoked_sessions": ("sid", "until"),
 }
 PRIMARY_KEYS: dict[str, str] = {

@@ -230,7 +230,7 @@ class PostgresStorage(Storage):
             # Prune as we go: an entry past its `until` guards a cookie that has expired anyway.
             await conn.execute(
                 "WITH pruned AS (DELETE FROM revoked_sessions WHERE until < $3) "
-                "INSERT INTO revoked_sessions (sid, until) VALUES ($1, $2) "
+                "INSERT INTO revoked_sessions (sid, until) SELECT $1, $2 WHERE $2 >= $3 "
                 "ON CONFLICT (sid) DO UPDATE SET until = excluded.until",
                 sid, until, int(time.time()),
             )  # fmt: skip
