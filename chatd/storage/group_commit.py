@@ -24,6 +24,8 @@ class GroupCommit(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         future = asyncio.get_running_loop().create_future()
+        # Retrieve the outcome even when the caller has given up (no "never retrieved" noise).
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending.append((item, future))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_all())

@@ -122,6 +122,9 @@ class SqliteStorage(Storage):
         self._db: aiosqlite.Connection | None = None
         self._owner: _DataDirOwner | None = None
         self._group_commit = GroupCommit(self._insert_batch)
+        # One connection: a statement issued while a batch's transaction is open would
+        # join it (and a read would see rows not yet committed). Every use takes turns.
+        self._turn = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -216,6 +219,10 @@ class SqliteStorage(Storage):
         counts: dict[str, int] = {}
         for message in messages:
             counts[message["room"]] = counts.get(message["room"], 0) + 1
+        async with self._turn:
+            return await self._insert_batch_now(messages, counts)
+
+    async def _insert_batch_now(self, messages: list[dict], counts: dict[str, int]) -> list[dict]:
         await self.db.execute("BEGIN IMMEDIATE")
         try:
             next_id: dict[str, int] = {}
@@ -254,7 +261,7 @@ class SqliteStorage(Storage):
         else:
             sql = f"SELECT {columns} FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
             args = (room, limit)
-        async with self.db.execute(sql, args) as cur:
+        async with self._turn, self.db.execute(sql, args) as cur:
             rows = [_message(r) for r in await cur.fetchall()]
         if after is None:
             rows.reverse()
@@ -264,16 +271,17 @@ class SqliteStorage(Storage):
 
     async def create_account(self, username: str, password_hash: str) -> bool:
         try:
-            await self.db.execute(
-                "INSERT INTO accounts (username, username_key, password_hash, created) VALUES (?, ?, ?, ?)",
-                (username, username.lower(), password_hash, time.time()),
-            )
+            async with self._turn:
+                await self.db.execute(
+                    "INSERT INTO accounts (username, username_key, password_hash, created) VALUES (?, ?, ?, ?)",
+                    (username, username.lower(), password_hash, time.time()),
+                )
         except sqlite3.IntegrityError:
             return False
         return True
 
     async def find_account(self, username: str) -> Account | None:
-        async with self.db.execute(
+        async with self._turn, self.db.execute(
             "SELECT username, password_hash FROM accounts WHERE username_key = ?", (username.lower(),)
         ) as cur:
             row = await cur.fetchone()
@@ -281,9 +289,10 @@ class SqliteStorage(Storage):
 
     async def revoke_session(self, sid: str, until: int) -> None:
         now = int(time.time())
-        await self.db.execute("INSERT OR REPLACE INTO revoked_sessions (sid, until) VALUES (?, ?)", (sid, until))
-        # Prune as we go: an entry past its `until` guards a cookie that has expired anyway.
-        await self.db.execute("DELETE FROM revoked_sessions WHERE until < ?", (now,))
+        async with self._turn:
+            await self.db.execute("INSERT OR REPLACE INTO revoked_sessions (sid, until) VALUES (?, ?)", (sid, until))
+            # Prune as we go: an entry past its `until` guards a cookie that has expired anyway.
+            await self.db.execute("DELETE FROM revoked_sessions WHERE until < ?", (now,))
         revoked = self._revoked
         revoked[sid] = until
         for old in [s for s, u in revoked.items() if u < now]:
@@ -297,32 +306,34 @@ class SqliteStorage(Storage):
     async def count(self, table: str) -> int:
         if table not in TABLES:
             raise ValueError(table)
-        async with self.db.execute(f"SELECT count(*) FROM {table}") as cur:
+        async with self._turn, self.db.execute(f"SELECT count(*) FROM {table}") as cur:
             (n,) = await cur.fetchone()
         return n
 
     async def dump(self, table: str, batch_size: int = 5000) -> AsyncIterator[list[tuple]]:
         columns = ", ".join(TABLES[table])
-        async with self.db.execute(f"SELECT {columns} FROM {table} ORDER BY {PRIMARY_KEYS[table]}") as cur:
+        async with self._turn, self.db.execute(f"SELECT {columns} FROM {table} ORDER BY {PRIMARY_KEYS[table]}") as cur:
             while rows := await cur.fetchmany(batch_size):
                 yield [tuple(r) for r in rows]
 
     async def load(self, table: str, rows: list[tuple]) -> None:
         columns = TABLES[table]
         marks = ", ".join("?" * len(columns))
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            await self.db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+        async with self._turn:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
         if table == "revoked_sessions":
             self._revoked.update(rows)
 
     async def clear(self) -> None:
-        await self.db.execute("BEGIN IMMEDIATE")
-        for table in TABLES:
-            await self.db.execute(f"DELETE FROM {table}")
-        await self.db.execute("COMMIT")
+        async with self._turn:
+            await self.db.execute("BEGIN IMMEDIATE")
+            for table in TABLES:
+                await self.db.execute(f"DELETE FROM {table}")
+            await self.db.execute("COMMIT")
         self._revoked.clear()
