@@ -73,7 +73,7 @@ class _DataDirOwner:
     fd: int
     users: int = 0
     revoked: dict[str, int] | None = None  # sid -> until
-    loaded: asyncio.Lock = field(default_factory=asyncio.Lock)
+    opening: asyncio.Lock = field(default_factory=asyncio.Lock)  # one opener at a time
 
 
 # One lock per data dir and process: storages opened twice in one process (tests do)
@@ -136,13 +136,16 @@ class SqliteStorage(Storage):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._owner = _lock_data_dir(self.path.parent)
-            self._db = await self._connect()
-            await self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before we ack the message it holds.
-            await self.db.execute("PRAGMA synchronous=FULL")
-            await self.db.execute("PRAGMA busy_timeout=5000")
-            await self._migrate()
-            await self._load_revoked()
+            # No other process can open this data dir; other openers in this one wait here
+            # (switching to WAL while another connection is mid-open can fail as "locked").
+            async with self._owner.opening:
+                self._db = await self._connect()
+                await self.db.execute("PRAGMA busy_timeout=5000")
+                await self.db.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit is on disk before we ack the message it holds.
+                await self.db.execute("PRAGMA synchronous=FULL")
+                await self._migrate()
+                await self._load_revoked()
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StorageError(f"cannot open database {self.path}: {exc}") from None
@@ -182,10 +185,9 @@ class SqliteStorage(Storage):
 
     async def _load_revoked(self) -> None:
         assert self._owner is not None
-        async with self._owner.loaded:
-            if self._owner.revoked is None:
-                async with self.db.execute("SELECT sid, until FROM revoked_sessions") as cur:
-                    self._owner.revoked = dict(await cur.fetchall())
+        if self._owner.revoked is None:
+            async with self.db.execute("SELECT sid, until FROM revoked_sessions") as cur:
+                self._owner.revoked = dict(await cur.fetchall())
 
     @property
     def _revoked(self) -> dict[str, int]:
