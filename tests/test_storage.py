@@ -18,7 +18,7 @@ from chatd.config import DATABASE_FILE_NAME
 from chatd.storage import MAX_ID, TABLES, Account, StorageError
 from chatd.storage import postgres as pg_module
 from chatd.storage import sqlite as sqlite_module
-from chatd.storage.copy import copy_data, open_storage
+from chatd.storage.copy import open_storage
 from conftest import ROOT, Visitor, free_port
 from pg_service import create_database, start_postgres
 
@@ -75,6 +75,15 @@ async def test_add_message_returns_the_message_with_per_room_gapless_ids(storage
     assert ids(await add(storage, "general", 3)) == [2, 3, 4]
     assert ids(await add(storage, "other", 2)) == [1, 2]  # every room counts from 1
     assert ids(await add(storage, "general", 1)) == [5]
+
+
+async def test_ids_stay_below_2_to_the_63(storage):
+    await storage.load("room_counters", [("full", MAX_ID - 1)])
+    assert (await storage.add_message("full", "n", None, "last", 0.0))["id"] == MAX_ID
+    with pytest.raises(StorageError):
+        await storage.add_message("full", "n", None, "one too many", 0.0)
+    assert ids(await storage.history("full")) == [MAX_ID]
+    assert (await storage.add_message("other", "n", None, "fine", 0.0))["id"] == 1
 
 
 async def test_messages_come_back_exactly_as_stored(storage):

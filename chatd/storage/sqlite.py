@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 import aiosqlite
 
-from . import HISTORY_DEFAULT, PRIMARY_KEYS, TABLES, Account, Storage, StorageError
+from . import HISTORY_DEFAULT, MAX_ID, PRIMARY_KEYS, TABLES, Account, Storage, StorageError
 from .group_commit import GroupCommit
 
 LOCK_FILE_NAME = "chatd.lock"
@@ -235,6 +235,8 @@ class SqliteStorage(Storage):
                     (room, count),
                 ) as cur:
                     (last_id,) = await cur.fetchone()
+                if not isinstance(last_id, int) or last_id > MAX_ID:  # SQLite turns an overflow into a float
+                    raise StorageError(f"room {room!r} has used up its message ids")
                 next_id[room] = last_id - count + 1
             stored = []
             for message in messages:
