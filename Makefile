@@ -10,8 +10,15 @@ SIO_CLIENT := node_modules/socket.io-client
 run: install
 	$(PY) -m chatd
 
+# The whole suite, then the socket and HTTP tests again with chatd on PostgreSQL (a
+# throwaway server; see tests/pg_service.py). The second pass leaves out the browser
+# tests, the storage suite (it covers both backends itself) and the process tests
+# (command line and SQLite data dir).
+PG_PASS_IGNORE := --ignore=tests/test_browser.py --ignore=tests/test_storage.py --ignore=tests/test_process.py
+
 test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+	CHATD_TEST_BACKEND=postgres $(PY) -m pytest $(PG_PASS_IGNORE) $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 

@@ -1,7 +1,9 @@
-"""The command line: `python -m chatd [flags]` serves; `python -m chatd keygen` prints a key."""
+"""The command line: `python -m chatd [flags]` serves; `python -m chatd keygen` prints a key;
+`python -m chatd copy-data --from A --to B` copies a chat between storages."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import gc
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["keygen"]:
         print(generate_key())
         return 0
+    if argv[:1] == ["copy-data"]:
+        return copy_data_command(argv[1:])
     try:
         config = config_from_args(argv)
         config = dataclasses.replace(config, secret_keys=load_secret_keys(config.data_dir))
@@ -49,6 +53,30 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StorageError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def copy_data_command(argv: list[str]) -> int:
+    from .storage.copy import StderrProgress, copy_data
+
+    parser = argparse.ArgumentParser(
+        prog="python -m chatd copy-data",
+        description="Copy accounts, messages (ids and order kept) and revoked sessions between storages. "
+        "Stop chatd on both sides first.",
+    )
+    parser.add_argument("--from", dest="source", required=True, metavar="DATA_DIR_OR_URL",
+                        help="a data dir (SQLite) or a postgresql:// URL")  # fmt: skip
+    parser.add_argument("--to", dest="target", required=True, metavar="DATA_DIR_OR_URL",
+                        help="a data dir (SQLite) or a postgresql:// URL")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="empty a target that already holds data first")
+    args = parser.parse_args(argv)
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    try:
+        copied = asyncio.run(copy_data(args.source, args.target, force=args.force, progress=StderrProgress()))
+    except StorageError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
+    print("copied " + ", ".join(f"{n} {table}" for table, n in copied.items()))
     return 0
 
 

@@ -31,6 +31,7 @@ from .presence.memory import MemoryPresence
 from .realtime import Realtime
 from .sessions import Identity, SessionCookieStorage, guest_name, issue_session, read_session
 from .storage import Storage, StorageError
+from .storage.postgres import PostgresStorage
 from .storage.sqlite import SqliteStorage
 
 # aiohttp-session 2.12 stores itself on the request under plain string keys.
@@ -308,7 +309,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config, *, storage: Storage | None = None) -> web.Application:
-    storage = storage or SqliteStorage(config.database_path)
+    if storage is None:
+        storage = PostgresStorage(config.database_url) if config.database_url else SqliteStorage(config.database_path)
     metrics = Metrics()
     if config.metrics:
         storage = metrics.timed(storage)  # the storage latency histogram

@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet
 from chatd.config import Config
 from chatd.sessions import COOKIE_NAME
 from chatd.web import create_app
+from pg_service import pg_database_url, pg_server  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT_TIMEOUT = 3.0
@@ -41,10 +42,19 @@ def secret_key() -> str:
     return Fernet.generate_key().decode("ascii")
 
 
+# CHATD_TEST_BACKEND=postgres: every in-process chatd of the suite stores in a fresh
+# PostgreSQL database (a throwaway server, see pg_service.py) instead of SQLite.
+TEST_BACKEND = os.environ.get("CHATD_TEST_BACKEND", "sqlite")
+if TEST_BACKEND not in ("sqlite", "postgres"):
+    raise RuntimeError(f"CHATD_TEST_BACKEND={TEST_BACKEND!r}: expected sqlite or postgres")
+
+
 @pytest.fixture
-def make_config(data_dir: Path, secret_key: str):
+def make_config(request, data_dir: Path, secret_key: str):
+    backend = {"database_url": request.getfixturevalue("pg_database_url")} if TEST_BACKEND == "postgres" else {}
+
     def make(**overrides) -> Config:
-        return Config(**{"data_dir": data_dir, "secret_keys": (secret_key,), **overrides})
+        return Config(**{"data_dir": data_dir, "secret_keys": (secret_key,), **backend, **overrides})
 
     return make
 

@@ -84,7 +84,9 @@ def test_unreadable_key_file_and_unusable_database_exit_2(tmp_path):
 def test_a_taken_port_exits_2(chatd_process):
     first = chatd_process(env={"CHATD_SECRET_KEYS": ""})
     first.start()
-    result = run_chatd("--port", str(first.port), "--data-dir", str(first.data_dir), env={"CHATD_SECRET_KEYS": ""})
+    # Another data dir: a shared one is refused before the port is tried (test_storage.py).
+    other_dir = first.data_dir.parent / "other"
+    result = run_chatd("--port", str(first.port), "--data-dir", str(other_dir), env={"CHATD_SECRET_KEYS": ""})
     assert result.returncode == 2 and "cannot listen" in result.stderr, result
     assert first.stop() == 0
 

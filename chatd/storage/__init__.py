@@ -1,17 +1,37 @@
 """Durable state: accounts, messages and revoked session ids.
 
 `Storage` is the whole interface the rest of chatd uses; one module per
-backend implements it (`sqlite.py`; PostgreSQL to come). The app factory picks
+backend implements it (`sqlite.py`, `postgres.py`). The app factory picks
 the backend from the configuration.
+
+Message ids are per room and gapless: each room has a counter, advanced in the
+same transaction that inserts the message, so within a room a message never
+becomes visible after one with a higher id, whichever process stored it.
 """
 
 from __future__ import annotations
 
 import abc
+from typing import AsyncIterator
 from dataclasses import dataclass
 
 HISTORY_DEFAULT = 50
 HISTORY_MAX = 100
+MAX_ID = 2**63 - 1
+
+# Every table's columns, in the order `dump` yields and `load` takes them (copy-data).
+TABLES: dict[str, tuple[str, ...]] = {
+    "accounts": ("username", "username_key", "password_hash", "created"),
+    "messages": ("room", "id", "name", "account", "msg", "ts"),
+    "room_counters": ("room", "last_id"),  # after messages: a copy's counters are never behind its ids
+    "revoked_sessions": ("sid", "until"),
+}
+PRIMARY_KEYS: dict[str, str] = {
+    "accounts": "username_key",
+    "room_counters": "room",
+    "messages": "room, id",
+    "revoked_sessions": "sid",
+}
 
 
 class StorageError(Exception):
@@ -58,3 +78,20 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def is_revoked(self, sid: str) -> bool: ...
+
+    # -- bulk access, for copy-data and tests --------------------------------
+
+    @abc.abstractmethod
+    async def count(self, table: str) -> int: ...
+
+    @abc.abstractmethod
+    def dump(self, table: str, batch_size: int = 5000) -> AsyncIterator[list[tuple]]:
+        """All rows of a table (columns as in TABLES) in primary-key order, in batches."""
+
+    @abc.abstractmethod
+    async def load(self, table: str, rows: list[tuple]) -> None:
+        """Insert rows as they are (ids included) in one transaction; counters are rows of room_counters."""
+
+    @abc.abstractmethod
+    async def clear(self) -> None:
+        """Delete every row of every table (the schema stays)."""

@@ -1,45 +1,118 @@
-"""`Storage` on SQLite: one aiosqlite connection (its own thread, so disk work never runs on the event loop)."""
+"""`Storage` on SQLite: one aiosqlite connection (its own thread, so disk work never runs on the event loop).
+
+One process owns a data dir (a lock file held while the storage is open), so
+the revoked-session set can live in memory too: `is_revoked` never leaves the loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
 import aiosqlite
 
-from . import HISTORY_DEFAULT, Account, Storage, StorageError
+from . import HISTORY_DEFAULT, MAX_ID, PRIMARY_KEYS, TABLES, Account, Storage, StorageError
+from .group_commit import GroupCommit
 
-# Each entry migrates the schema from version N to N+1 (PRAGMA user_version).
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE messages (
-        id      INTEGER PRIMARY KEY AUTOINCREMENT,
-        room    TEXT NOT NULL,
-        name    TEXT NOT NULL,
-        account TEXT,
-        msg     TEXT NOT NULL,
-        ts      REAL NOT NULL
-    );
-    CREATE INDEX messages_room_id ON messages (room, id);
-    CREATE TABLE accounts (
-        username      TEXT NOT NULL,
-        username_key  TEXT NOT NULL PRIMARY KEY,
-        password_hash TEXT NOT NULL,
-        created       REAL NOT NULL
-    );
-    CREATE TABLE revoked_sessions (
-        sid   TEXT PRIMARY KEY,
-        until INTEGER NOT NULL
-    );
-    CREATE INDEX revoked_sessions_until ON revoked_sessions (until);
-    """,
+LOCK_FILE_NAME = "chatd.lock"
+
+# Each entry migrates the schema from version N to N+1 (PRAGMA user_version), one
+# statement per string. Version 1 was chatd's first schema (one global id sequence).
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE messages (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            room    TEXT NOT NULL,
+            name    TEXT NOT NULL,
+            account TEXT,
+            msg     TEXT NOT NULL,
+            ts      REAL NOT NULL
+        )""",
+        "CREATE INDEX messages_room_id ON messages (room, id)",
+        """CREATE TABLE accounts (
+            username      TEXT NOT NULL,
+            username_key  TEXT NOT NULL PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            created       REAL NOT NULL
+        )""",
+        "CREATE TABLE revoked_sessions (sid TEXT PRIMARY KEY, until INTEGER NOT NULL)",
+        "CREATE INDEX revoked_sessions_until ON revoked_sessions (until)",
+    ],
+    # 2: per-room gapless ids from a counter; messages keyed (room, id). Old ids keep
+    # their gaps; each room's counter starts at its highest id.
+    [
+        """CREATE TABLE messages_by_room (
+            room    TEXT NOT NULL,
+            id      INTEGER NOT NULL,
+            name    TEXT NOT NULL,
+            account TEXT,
+            msg     TEXT NOT NULL,
+            ts      REAL NOT NULL,
+            PRIMARY KEY (room, id)
+        ) WITHOUT ROWID""",
+        "INSERT INTO messages_by_room SELECT room, id, name, account, msg, ts FROM messages",
+        "DROP TABLE messages",
+        "ALTER TABLE messages_by_room RENAME TO messages",
+        "CREATE TABLE room_counters (room TEXT PRIMARY KEY, last_id INTEGER NOT NULL) WITHOUT ROWID",
+        "INSERT INTO room_counters SELECT room, max(id) FROM messages GROUP BY room",
+    ],
 ]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class _DataDirOwner:
+    """This process's hold on a data dir: the locked file, and what is kept in memory for it."""
+
+    fd: int
+    users: int = 0
+    revoked: dict[str, int] | None = None  # sid -> until
+    opening: asyncio.Lock = field(default_factory=asyncio.Lock)  # one opener at a time
+
+
+# One lock per data dir and process: storages opened twice in one process (tests do)
+# share it; another process is refused.
+_owners: dict[Path, _DataDirOwner] = {}
+
+
+def _lock_data_dir(directory: Path) -> _DataDirOwner:
+    key = directory.resolve()
+    owner = _owners.get(key)
+    if owner is None:
+        fd = os.open(key / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise StorageError(
+                f"data dir {directory} is in use by another chatd process (pid {holder}); "
+                "one data dir serves one process (use --database-url for several)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        owner = _owners[key] = _DataDirOwner(fd)
+    owner.users += 1
+    return owner
+
+
+def _unlock_data_dir(directory: Path) -> None:
+    key = directory.resolve()
+    owner = _owners[key]
+    owner.users -= 1
+    if owner.users == 0:
+        del _owners[key]
+        os.close(owner.fd)  # closing the only descriptor releases the flock
 
 
 def _message(row: sqlite3.Row | tuple) -> dict:
-    id_, room, name, account, msg, ts = row
+    room, id_, name, account, msg, ts = row
     return {"id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts}
 
 
@@ -47,6 +120,11 @@ class SqliteStorage(Storage):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._owner: _DataDirOwner | None = None
+        self._group_commit = GroupCommit(self._insert_batch)
+        # One connection: a statement issued while a batch's transaction is open would
+        # join it (and a read would see rows not yet committed). Every use takes turns.
+        self._turn = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -57,15 +135,23 @@ class SqliteStorage(Storage):
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = await self._connect()
-            await self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before we ack the message it holds.
-            await self.db.execute("PRAGMA synchronous=FULL")
-            await self.db.execute("PRAGMA busy_timeout=5000")
-            await self._migrate()
+            self._owner = _lock_data_dir(self.path.parent)
+            # No other process can open this data dir; other openers in this one wait here
+            # (switching to WAL while another connection is mid-open can fail as "locked").
+            async with self._owner.opening:
+                self._db = await self._connect()
+                await self.db.execute("PRAGMA busy_timeout=5000")
+                await self.db.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit is on disk before we ack the message it holds.
+                await self.db.execute("PRAGMA synchronous=FULL")
+                await self._migrate()
+                await self._load_revoked()
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StorageError(f"cannot open database {self.path}: {exc}") from None
+        except BaseException:
+            await self.close()
+            raise
 
     async def _connect(self) -> aiosqlite.Connection:
         connection = aiosqlite.connect(self.path, isolation_level=None)
@@ -80,19 +166,43 @@ class SqliteStorage(Storage):
             raise
 
     async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cur:
-            (version,) = await cur.fetchone()
-        if version > len(MIGRATIONS):
-            raise StorageError(f"database {self.path} is from a newer chatd (schema {version})")
-        for number in range(version, len(MIGRATIONS)):
-            await self.db.executescript(
-                f"BEGIN; {MIGRATIONS[number]} PRAGMA user_version = {number + 1}; COMMIT;"
-            )
+        # BEGIN IMMEDIATE takes the write lock before the version is read: two openers
+        # cannot both decide to migrate.
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            async with self.db.execute("PRAGMA user_version") as cur:
+                (version,) = await cur.fetchone()
+            if version > SCHEMA_VERSION:
+                raise StorageError(f"database {self.path} is from a newer chatd (schema {version})")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number]:
+                    await self.db.execute(statement)
+            await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    async def _load_revoked(self) -> None:
+        assert self._owner is not None
+        if self._owner.revoked is None:
+            async with self.db.execute("SELECT sid, until FROM revoked_sessions") as cur:
+                self._owner.revoked = dict(await cur.fetchall())
+
+    @property
+    def _revoked(self) -> dict[str, int]:
+        if self._owner is None or self._owner.revoked is None:
+            raise StorageError("storage is not open")
+        return self._owner.revoked
 
     async def close(self) -> None:
+        await self._group_commit.drain()
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
+        if self._owner is not None:
+            self._owner = None
+            _unlock_data_dir(self.path.parent)
 
     async def ping(self) -> None:
         try:
@@ -101,18 +211,51 @@ class SqliteStorage(Storage):
         except (sqlite3.Error, ValueError) as exc:
             raise StorageError(str(exc)) from None
 
+    # -- messages --------------------------------------------------------------
+
     async def add_message(self, room: str, name: str, account: str | None, msg: str, ts: float) -> dict:
-        async with self.db.execute(
-            "INSERT INTO messages (room, name, account, msg, ts) VALUES (?, ?, ?, ?, ?)",
-            (room, name, account, msg, ts),
-        ) as cur:
-            id_ = cur.lastrowid
-        return {"id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts}
+        return await self._group_commit.submit({"room": room, "name": name, "account": account, "msg": msg, "ts": ts})
+
+    async def _insert_batch(self, messages: list[dict]) -> list[dict]:
+        """One transaction for everything that arrived together; ids from each room's counter."""
+        counts: dict[str, int] = {}
+        for message in messages:
+            counts[message["room"]] = counts.get(message["room"], 0) + 1
+        async with self._turn:
+            return await self._insert_batch_now(messages, counts)
+
+    async def _insert_batch_now(self, messages: list[dict], counts: dict[str, int]) -> list[dict]:
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            next_id: dict[str, int] = {}
+            for room, count in counts.items():
+                async with self.db.execute(
+                    "INSERT INTO room_counters (room, last_id) VALUES (?, ?) "
+                    "ON CONFLICT (room) DO UPDATE SET last_id = last_id + excluded.last_id RETURNING last_id",
+                    (room, count),
+                ) as cur:
+                    (last_id,) = await cur.fetchone()
+                if not isinstance(last_id, int) or last_id > MAX_ID:  # SQLite turns an overflow into a float
+                    raise StorageError(f"room {room!r} has used up its message ids")
+                next_id[room] = last_id - count + 1
+            stored = []
+            for message in messages:
+                stored.append({"id": next_id[message["room"]], **message})
+                next_id[message["room"]] += 1
+            await self.db.executemany(
+                "INSERT INTO messages (room, id, name, account, msg, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                [(m["room"], m["id"], m["name"], m["account"], m["msg"], m["ts"]) for m in stored],
+            )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return stored
 
     async def history(
         self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
     ) -> list[dict]:
-        columns = "id, room, name, account, msg, ts"
+        columns = "room, id, name, account, msg, ts"
         if after is not None:
             sql = f"SELECT {columns} FROM messages WHERE room = ? AND id > ? ORDER BY id ASC LIMIT ?"
             args: tuple = (room, after, limit)
@@ -122,24 +265,27 @@ class SqliteStorage(Storage):
         else:
             sql = f"SELECT {columns} FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
             args = (room, limit)
-        async with self.db.execute(sql, args) as cur:
+        async with self._turn, self.db.execute(sql, args) as cur:
             rows = [_message(r) for r in await cur.fetchall()]
         if after is None:
             rows.reverse()
         return rows
 
+    # -- accounts and sessions ----------------------------------------------------
+
     async def create_account(self, username: str, password_hash: str) -> bool:
         try:
-            await self.db.execute(
-                "INSERT INTO accounts (username, username_key, password_hash, created) VALUES (?, ?, ?, ?)",
-                (username, username.lower(), password_hash, time.time()),
-            )
+            async with self._turn:
+                await self.db.execute(
+                    "INSERT INTO accounts (username, username_key, password_hash, created) VALUES (?, ?, ?, ?)",
+                    (username, username.lower(), password_hash, time.time()),
+                )
         except sqlite3.IntegrityError:
             return False
         return True
 
     async def find_account(self, username: str) -> Account | None:
-        async with self.db.execute(
+        async with self._turn, self.db.execute(
             "SELECT username, password_hash FROM accounts WHERE username_key = ?", (username.lower(),)
         ) as cur:
             row = await cur.fetchone()
@@ -147,10 +293,51 @@ class SqliteStorage(Storage):
 
     async def revoke_session(self, sid: str, until: int) -> None:
         now = int(time.time())
-        await self.db.execute("INSERT OR REPLACE INTO revoked_sessions (sid, until) VALUES (?, ?)", (sid, until))
-        # Prune as we go: an entry past its `until` guards a cookie that has expired anyway.
-        await self.db.execute("DELETE FROM revoked_sessions WHERE until < ?", (now,))
+        async with self._turn:
+            await self.db.execute("INSERT OR REPLACE INTO revoked_sessions (sid, until) VALUES (?, ?)", (sid, until))
+            # Prune as we go: an entry past its `until` guards a cookie that has expired anyway.
+            await self.db.execute("DELETE FROM revoked_sessions WHERE until < ?", (now,))
+        revoked = self._revoked
+        revoked[sid] = until
+        for old in [s for s, u in revoked.items() if u < now]:
+            del revoked[old]
 
     async def is_revoked(self, sid: str) -> bool:
-        async with self.db.execute("SELECT 1 FROM revoked_sessions WHERE sid = ?", (sid,)) as cur:
-            return await cur.fetchone() is not None
+        return sid in self._revoked
+
+    # -- bulk access ------------------------------------------------------------
+
+    async def count(self, table: str) -> int:
+        if table not in TABLES:
+            raise ValueError(table)
+        async with self._turn, self.db.execute(f"SELECT count(*) FROM {table}") as cur:
+            (n,) = await cur.fetchone()
+        return n
+
+    async def dump(self, table: str, batch_size: int = 5000) -> AsyncIterator[list[tuple]]:
+        columns = ", ".join(TABLES[table])
+        async with self._turn, self.db.execute(f"SELECT {columns} FROM {table} ORDER BY {PRIMARY_KEYS[table]}") as cur:
+            while rows := await cur.fetchmany(batch_size):
+                yield [tuple(r) for r in rows]
+
+    async def load(self, table: str, rows: list[tuple]) -> None:
+        columns = TABLES[table]
+        marks = ", ".join("?" * len(columns))
+        async with self._turn:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        if table == "revoked_sessions":
+            self._revoked.update(rows)
+
+    async def clear(self) -> None:
+        async with self._turn:
+            await self.db.execute("BEGIN IMMEDIATE")
+            for table in TABLES:
+                await self.db.execute(f"DELETE FROM {table}")
+            await self.db.execute("COMMIT")
+        self._revoked.clear()

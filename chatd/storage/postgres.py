@@ -1,0 +1,268 @@
+"""`Storage` on PostgreSQL through asyncpg and its connection pool.
+
+Several chatd processes may share one database: ids come from a per-room counter
+row updated in the same statement that inserts the messages, so the row lock
+orders writers of a room and nothing becomes visible out of id order. Revocations
+are read from the database on every check, so a logout on one process counts on
+all at once. `msg` is stored as UTF-8 `bytea`: PostgreSQL `text` cannot hold U+0000,
+which chat messages may contain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import AsyncIterator
+
+import asyncpg
+from yarl import URL
+
+from . import HISTORY_DEFAULT, PRIMARY_KEYS, TABLES, Account, Storage, StorageError
+from .group_commit import GroupCommit
+
+CONNECT_SECONDS = 5.0
+COMMAND_SECONDS = 10.0
+POOL_SIZE = 10
+MIGRATION_LOCK = 0x63686174_64  # pg_advisory_xact_lock key ("chatd"): one migrator at a time
+
+# Each entry migrates the schema from version N to N+1 (table chatd_schema).
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE accounts (
+            username_key  text PRIMARY KEY,
+            username      text NOT NULL,
+            password_hash text NOT NULL,
+            created       double precision NOT NULL
+        )""",
+        "CREATE TABLE room_counters (room text PRIMARY KEY, last_id bigint NOT NULL)",
+        """CREATE TABLE messages (
+            room    text NOT NULL,
+            id      bigint NOT NULL,
+            name    text NOT NULL,
+            account text,
+            msg     bytea NOT NULL,
+            ts      double precision NOT NULL,
+            PRIMARY KEY (room, id)
+        )""",
+        "CREATE TABLE revoked_sessions (sid text PRIMARY KEY, until bigint NOT NULL)",
+        "CREATE INDEX revoked_sessions_until ON revoked_sessions (until)",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# One statement, so one round trip and one commit for a whole batch: advance each
+# room's counter (rooms in order, so two writers never deadlock) and insert the
+# messages numbered from it. The answer is each room's new last id.
+INSERT_BATCH = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[])
+        WITH ORDINALITY AS b(room, name, account, msg, ts, pos)
+), counts AS (
+    SELECT room, count(*) AS n FROM batch GROUP BY room
+), counters AS (
+    INSERT INTO room_counters AS c (room, last_id) SELECT room, n FROM counts ORDER BY room
+    ON CONFLICT (room) DO UPDATE SET last_id = c.last_id + excluded.last_id
+    RETURNING room, last_id
+), stored AS (
+    INSERT INTO messages (room, id, name, account, msg, ts)
+    SELECT b.room, c.last_id - n.n + row_number() OVER (PARTITION BY b.room ORDER BY b.pos), b.name, b.account, b.msg, b.ts
+    FROM batch b JOIN counters c USING (room) JOIN counts n USING (room)
+)
+SELECT room, last_id FROM counters
+"""
+
+# What "the database is not there (now)" looks like to asyncpg.
+UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "the database URL"
+    return str(parsed.with_password(None)) if parsed.password else url
+
+
+def _message(row) -> dict:
+    return {
+        "id": row["id"], "room": row["room"], "name": row["name"], "account": row["account"],
+        "msg": bytes(row["msg"]).decode("utf-8"), "ts": row["ts"],
+    }  # fmt: skip
+
+
+class PostgresStorage(Storage):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: asyncpg.Pool | None = None
+        self._group_commit = GroupCommit(self._insert_batch)
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=POOL_SIZE,
+                timeout=CONNECT_SECONDS,
+                command_timeout=COMMAND_SECONDS,
+                max_inactive_connection_lifetime=60,
+            )
+            await self._migrate()
+        except StorageError:
+            await self.close()
+            raise
+        except (*UNAVAILABLE, ValueError) as exc:
+            await self.close()
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StorageError(f"cannot use database {safe_url(self.url)}: {reason}") from None
+
+    async def _migrate(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS chatd_schema (version integer NOT NULL)")
+            version = await conn.fetchval("SELECT version FROM chatd_schema")
+            if version is None:
+                version = 0
+                await conn.execute("INSERT INTO chatd_schema (version) VALUES (0)")
+            if version > SCHEMA_VERSION:
+                raise StorageError(f"database {safe_url(self.url)} is from a newer chatd (schema {version})")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number]:
+                    await conn.execute(statement)
+            await conn.execute("UPDATE chatd_schema SET version = $1", SCHEMA_VERSION)
+
+    async def close(self) -> None:
+        await self._group_commit.drain()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), CONNECT_SECONDS)
+            except (*UNAVAILABLE, asyncio.TimeoutError):
+                pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; the database's absence becomes StorageError. A broken
+        connection goes back to the pool, which opens a new one when next asked."""
+        if self._pool is None:
+            raise StorageError("storage is not open")
+        try:
+            async with self._pool.acquire(timeout=CONNECT_SECONDS) as conn:
+                yield conn
+        except UNAVAILABLE as exc:
+            raise StorageError(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1", timeout=CONNECT_SECONDS)
+
+    # -- messages --------------------------------------------------------------
+
+    async def add_message(self, room: str, name: str, account: str | None, msg: str, ts: float) -> dict:
+        return await self._group_commit.submit({"room": room, "name": name, "account": account, "msg": msg, "ts": ts})
+
+    async def _insert_batch(self, messages: list[dict]) -> list[dict]:
+        columns = (
+            [m["room"] for m in messages],
+            [m["name"] for m in messages],
+            [m["account"] for m in messages],
+            [m["msg"].encode("utf-8") for m in messages],
+            [m["ts"] for m in messages],
+        )
+        async with self._connection() as conn:
+            for attempt in (1, 2):
+                try:
+                    rows = await conn.fetch(INSERT_BATCH, *columns)
+                    break
+                except asyncpg.DeadlockDetectedError:  # rooms are locked in order; still, retry once
+                    if attempt == 2:
+                        raise
+        counts: dict[str, int] = {}
+        for message in messages:
+            counts[message["room"]] = counts.get(message["room"], 0) + 1
+        next_id = {row["room"]: row["last_id"] - counts[row["room"]] + 1 for row in rows}
+        stored = []
+        for message in messages:
+            stored.append({"id": next_id[message["room"]], **message})
+            next_id[message["room"]] += 1
+        return stored
+
+    async def history(
+        self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
+    ) -> list[dict]:
+        columns = "room, id, name, account, msg, ts"
+        if after is not None:
+            sql = f"SELECT {columns} FROM messages WHERE room = $1 AND id > $2 ORDER BY id ASC LIMIT $3"
+            args: tuple = (room, after, limit)
+        elif before is not None:
+            sql = f"SELECT {columns} FROM messages WHERE room = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+            args = (room, before, limit)
+        else:
+            sql = f"SELECT {columns} FROM messages WHERE room = $1 ORDER BY id DESC LIMIT $2"
+            args = (room, limit)
+        async with self._connection() as conn:
+            rows = [_message(r) for r in await conn.fetch(sql, *args)]
+        if after is None:
+            rows.reverse()
+        return rows
+
+    # -- accounts and sessions ----------------------------------------------------
+
+    async def create_account(self, username: str, password_hash: str) -> bool:
+        async with self._connection() as conn:
+            status = await conn.execute(
+                "INSERT INTO accounts (username, username_key, password_hash, created) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (username_key) DO NOTHING",
+                username, username.lower(), password_hash, time.time(),
+            )  # fmt: skip
+        return status == "INSERT 0 1"
+
+    async def find_account(self, username: str) -> Account | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT username, password_hash FROM accounts WHERE username_key = $1", username.lower()
+            )
+        return Account(row["username"], row["password_hash"]) if row else None
+
+    async def revoke_session(self, sid: str, until: int) -> None:
+        async with self._connection() as conn:
+            # Prune as we go: an entry past its `until` guards a cookie that has expired anyway.
+            await conn.execute(
+                "WITH pruned AS (DELETE FROM revoked_sessions WHERE until < $3) "
+                "INSERT INTO revoked_sessions (sid, until) SELECT $1, $2 WHERE $2 >= $3 "
+                "ON CONFLICT (sid) DO UPDATE SET until = excluded.until",
+                sid, until, int(time.time()),
+            )  # fmt: skip
+
+    async def is_revoked(self, sid: str) -> bool:
+        async with self._connection() as conn:
+            return await conn.fetchval("SELECT true FROM revoked_sessions WHERE sid = $1", sid) is not None
+
+    # -- bulk access ------------------------------------------------------------
+
+    async def count(self, table: str) -> int:
+        if table not in TABLES:
+            raise ValueError(table)
+        async with self._connection() as conn:
+            return await conn.fetchval(f"SELECT count(*) FROM {table}")
+
+    async def dump(self, table: str, batch_size: int = 5000) -> AsyncIterator[list[tuple]]:
+        columns = TABLES[table]
+        async with self._connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            cursor = await conn.cursor(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {PRIMARY_KEYS[table]}")
+            while rows := await cursor.fetch(batch_size):
+                if table == "messages":
+                    yield [(r[0], r[1], r[2], r[3], bytes(r[4]).decode("utf-8"), r[5]) for r in rows]
+                else:
+                    yield [tuple(r) for r in rows]
+
+    async def load(self, table: str, rows: list[tuple]) -> None:
+        if table == "messages":
+            rows = [(r[0], r[1], r[2], r[3], r[4].encode("utf-8"), r[5]) for r in rows]
+        async with self._connection() as conn:
+            await conn.copy_records_to_table(table, records=rows, columns=list(TABLES[table]))
+
+    async def clear(self) -> None:
+        async with self._connection() as conn:
+            await conn.execute(f"TRUNCATE {', '.join(TABLES)}")
