@@ -27,6 +27,7 @@ import socketio
 from aiohttp import web
 from socketio import packet
 
+from .fanout import RedisClientManager
 from .limits import ChatRateLimiter
 from .presence import Presence
 from .sessions import Identity, read_session
@@ -38,6 +39,10 @@ log = logging.getLogger("chatd.realtime")
 MAX_FRAME_BYTES = 64 * 1024
 MAX_ROOMS_PER_SOCKET = 20
 WELCOME_HISTORY = 50
+# A session's socket whose client ignores `session_ended` has its transport closed this much later.
+SESSION_END_GRACE_SECONDS = 0.5
+# How long an ending waits for a socket still in its handshake to finish it.
+HANDSHAKE_WAIT_SECONDS = 5.0
 
 Handler = Callable[[str, object], Awaitable[dict]]
 
@@ -167,6 +172,7 @@ class Realtime:
         presence: Presence,
         rate_limiter: ChatRateLimiter,
         origin_allowed: Callable[[str | None, web.Request], bool],
+        client_manager: socketio.AsyncManager | None = None,
     ) -> None:
         self.storage = storage
         self.presence = presence
@@ -180,7 +186,12 @@ class Realtime:
             cors_allowed_origins=lambda origin, environ: origin_allowed(origin, environ["aiohttp.request"]),
             cors_credentials=True,
             async_handlers=False,
+            client_manager=client_manager,
         )
+        # With several processes, a session ending is a control message every process acts on.
+        self.cluster = client_manager if isinstance(client_manager, RedisClientManager) else None
+        if self.cluster is not None:
+            self.cluster.on_control("end_session", self.end_local_session)
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.events.update(
@@ -197,11 +208,16 @@ class Realtime:
         user = session.user
         if user is None:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
+        # Join the session's room first, then look at revocation again: a logout that
+        # lands between reading the cookie and joining is then seen either here or by
+        # `end_local_session`, which finds this socket in the room.
+        await self.sio.enter_room(sid, session_room(user.sid))
+        if await self.storage.is_revoked(user.sid):
+            raise socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": "revoked"})
         state = self.sockets[sid] = SocketState(user=user)
         state.expiry = asyncio.get_running_loop().call_later(
             max(0.0, user.expires_at - time.time()), self._expire_soon, sid
         )
-        await self.sio.enter_room(sid, session_room(user.sid))
         history, online, changed = await self._enter(sid, state, DEFAULT_ROOM)
         await self.sio.emit(
             "welcome",
@@ -237,11 +253,45 @@ class Realtime:
     # -- session endings ----------------------------------------------------
 
     async def end_session(self, session_id: str, reason: str) -> None:
-        """Tell every socket of a session that it ended, then disconnect them."""
-        room = session_room(session_id)
-        await self.sio.emit("session_ended", {"reason": reason}, room=room)
-        for sid, _eio_sid in list(self.sio.manager.get_participants("/", room)):
-            await self.sio.disconnect(sid)
+        """End a session's sockets on every process (the caller has revoked it already)."""
+        if self.cluster is not None:
+            await self.cluster.publish_control("end_session", session_id, reason)
+        else:
+            await self.end_local_session(session_id, reason)
+
+    async def end_local_session(self, session_id: str, reason: str) -> None:
+        """Tell this process's sockets of a session that it ended, then disconnect them.
+
+        A socket still in its handshake (in the session's room, connect handler not
+        done) is ended as soon as it is connected; one whose client ignores the
+        disconnect has its transport closed by the server a moment later.
+        """
+        for sid, eio_sid in list(self.sio.manager.get_participants("/", session_room(session_id))):
+            if self.sio.manager.is_connected(sid, "/"):
+                await self._end_socket(sid, eio_sid, reason)
+            else:
+                asyncio.ensure_future(self._end_after_handshake(sid, eio_sid, reason))
+
+    async def _end_after_handshake(self, sid: str, eio_sid: str, reason: str) -> None:
+        deadline = time.monotonic() + HANDSHAKE_WAIT_SECONDS
+        while self.sio.manager.is_pre_connected(sid, "/") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.sio.manager.is_connected(sid, "/"):  # else the handshake was refused or dropped
+            await self._end_socket(sid, eio_sid, reason)
+
+    async def _end_socket(self, sid: str, eio_sid: str, reason: str) -> None:
+        await self.sio.emit("session_ended", {"reason": reason}, to=sid, ignore_queue=True)
+        await self.sio.disconnect(sid, ignore_queue=True)
+        asyncio.get_running_loop().call_later(
+            SESSION_END_GRACE_SECONDS, lambda: asyncio.ensure_future(self._close_transport(eio_sid))
+        )
+
+    async def _close_transport(self, eio_sid: str) -> None:
+        """Close an Engine.IO connection now, whatever its client does (as `close_all` does)."""
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if socket is not None:
+            await socket.close(wait=False)
+            socket.queue.put_nowait(None)
 
     def _expire_soon(self, sid: str) -> None:
         asyncio.ensure_future(self._expire(sid))

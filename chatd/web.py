@@ -17,11 +17,15 @@ from typing import AsyncIterator
 
 import aiohttp_session
 from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .accounts import Accounts, password_problem, username_problem
-from .config import Config
-from .limits import LoginThrottle
+from .config import Config, ConfigError
+from .fanout import RedisClientManager, redis_address
+from .limits import ChatRateLimiter, LoginThrottle
 from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
+from .limits.redis import RedisChatRateLimiter, RedisLoginThrottle
 from .presence.memory import MemoryPresence
 from .realtime import Realtime
 from .sessions import Identity, SessionCookieStorage, guest_name, issue_session, read_session
@@ -41,6 +45,8 @@ STORAGE = web.AppKey("storage", Storage)
 ACCOUNTS = web.AppKey("accounts", Accounts)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 REALTIME = web.AppKey("realtime", Realtime)
+REDIS = web.AppKey("redis", Redis)
+CLIENT_MANAGER = web.AppKey("client_manager", RedisClientManager)
 
 USER = web.RequestKey("user", Identity)
 BODY = web.RequestKey("body", object)
@@ -290,12 +296,24 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
     app[CONFIG] = config
     app[STORAGE] = storage
     app[ACCOUNTS] = Accounts(storage)
-    app[LOGIN_THROTTLE] = MemoryLoginThrottle()
+    # One process keeps its limits in memory; several share them, and their broadcasts, through Redis.
+    rate_limiter: ChatRateLimiter
+    client_manager = None
+    if config.redis_url:
+        app[REDIS] = Redis.from_url(config.redis_url)
+        app[CLIENT_MANAGER] = client_manager = RedisClientManager(config.redis_url)
+        rate_limiter = RedisChatRateLimiter(app[REDIS], config.chat_burst, config.chat_rate)
+        app[LOGIN_THROTTLE] = RedisLoginThrottle(app[REDIS])
+        app.cleanup_ctx.append(_redis_lifetime)
+    else:
+        rate_limiter = MemoryChatRateLimiter(config.chat_burst, config.chat_rate)
+        app[LOGIN_THROTTLE] = MemoryLoginThrottle()
     app[REALTIME] = Realtime(
         storage=storage,
         presence=MemoryPresence(),
-        rate_limiter=MemoryChatRateLimiter(config.chat_burst, config.chat_rate),
+        rate_limiter=rate_limiter,
         origin_allowed=origin_allowed,
+        client_manager=client_manager,
     )
 
     app.router.add_get("/", index)
@@ -319,6 +337,21 @@ async def _storage_lifetime(app: web.Application) -> AsyncIterator[None]:
     yield
     app[ACCOUNTS].close()
     await app[STORAGE].close()
+
+
+async def _redis_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """Reach Redis before serving (else a clear start-up error), and hear the other processes from the start."""
+    address = redis_address(app[CONFIG].redis_url or "")
+    try:
+        await app[REDIS].ping()
+        await app[CLIENT_MANAGER].start()
+    except (RedisError, OSError) as exc:
+        await app[CLIENT_MANAGER].close()
+        await app[REDIS].aclose()
+        raise ConfigError(f"cannot reach Redis at {address}: {exc}") from None
+    yield
+    await app[CLIENT_MANAGER].close()
+    await app[REDIS].aclose()
 
 
 async def _close_sockets(app: web.Application) -> None:
