@@ -70,7 +70,8 @@ class RedisClientManager(AsyncRedisManager):
             if data[:1] == b"[":  # python-socketio's own messages are objects
                 self._control_received(data)
             else:
-                yield data
+                # Text, not bytes: the server's JSON hook (realtime.OrjsonForSocketIO) reads str.
+                yield data.decode("utf-8")
 
     def _control_received(self, data: bytes) -> None:
         try:
