@@ -5,13 +5,17 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client/dist/socket.io.min.js
 
-.PHONY: run test install system-deps clean
+.PHONY: run test install system-deps cluster clean
 
 run: install
 	$(PY) -m chatd
 
 test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Two chatd processes, a throwaway Redis and nginx on loopback; Ctrl-C stops them all.
+cluster: install
+	$(PY) scripts/cluster.py
 
 install: $(VENV)/.installed $(VENDOR)/socket.io.min.js
 

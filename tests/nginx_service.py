@@ -100,7 +100,10 @@ def start_nginx(upstreams: list[str], port: int | None = None) -> NginxService:
     if check.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)
         raise RuntimeError(f"nginx refused its config: {check.stderr.strip()}")
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A session of its own: a Ctrl-C meant for `make cluster` reaches it only through stop().
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     service = NginxService(f"http://127.0.0.1:{port}", port, directory, proc)
     try:
         wait_for_port(port, proc, "nginx")

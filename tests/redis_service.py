@@ -83,7 +83,10 @@ def start_redis(port: int | None = None) -> RedisService:
         "--logfile", str(directory / "redis.log"),
         "--protected-mode", "yes",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A session of its own: a Ctrl-C meant for `make cluster` reaches it only through stop().
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     service = RedisService(f"redis://127.0.0.1:{port}/0", port, directory, proc)
     try:
         wait_for_port(port, proc, "redis-server")
