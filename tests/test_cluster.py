@@ -299,3 +299,23 @@ def test_an_unreachable_redis_stops_start_up_with_one_line_and_exit_2(tmp_path):
     assert result.stderr.startswith(f"chatd: cannot reach Redis at 127.0.0.1:{closed}"), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "secret-password" not in result.stderr + result.stdout
+
+
+async def test_while_redis_is_down_the_limits_fall_back_to_each_process(redis_service):
+    from redis.asyncio import Redis
+
+    from chatd.limits.redis import RedisChatRateLimiter, RedisLoginThrottle
+
+    redis = Redis.from_url(redis_service.url, socket_connect_timeout=1)
+    try:
+        limiter = RedisChatRateLimiter(redis, burst=2, per_second=0.01)
+        throttle = RedisLoginThrottle(redis, allowed=2)
+        redis_service.stop()
+        # Still limited (by this process alone), and no error reaches the caller.
+        assert [await limiter.take("s") > 0 for _ in range(3)] == [False, False, True]
+        assert [await throttle.attempt(("bob", "10.0.0.1")) for _ in range(2)] == [0, 0]
+        assert await throttle.attempt(("bob", "10.0.0.1")) > 0
+        await throttle.succeeded(("bob", "10.0.0.1"))
+        assert await throttle.attempt(("bob", "10.0.0.1")) == 0
+    finally:
+        await redis.aclose()

@@ -7,6 +7,10 @@ bucket with a fractional refill and `retry_after`, nor a "count first, forgive
 on success" window; both fit in a dozen lines of Lua.) Time is Redis's own
 clock (`TIME`), so the processes' clocks need not agree.
 
+While Redis cannot be reached, each process falls back to its own in-memory
+limits (logged once per outage): a looser limit for a while, but never none,
+and never an error for the user.
+
 Keys hold a SHA-256 of the session id or of (username, address), never the
 values themselves: session ids are secrets and usernames are user input.
 """
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from . import (
     CHAT_BURST,
@@ -26,6 +32,9 @@ from . import (
     ChatRateLimiter,
     LoginThrottle,
 )
+from .memory import MemoryChatRateLimiter, MemoryLoginThrottle
+
+log = logging.getLogger("chatd.limits")
 
 KEY_PREFIX = "chatd:"
 
@@ -66,7 +75,25 @@ return 0
 
 
 def _digest(*parts: str) -> str:
-    return hashlib.sha256(json.dumps(parts).encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
+
+
+class _Outage:
+    """Logs the start and the end of a Redis outage, once each."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.down = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self.down:
+            self.down = True
+            log.warning("Redis unreachable (%s); %s uses this process's own limits meanwhile", exc, self.what)
+
+    def ok(self) -> None:
+        if self.down:
+            self.down = False
+            log.warning("Redis is back; %s is shared again", self.what)
 
 
 class RedisChatRateLimiter(ChatRateLimiter):
@@ -74,12 +101,20 @@ class RedisChatRateLimiter(ChatRateLimiter):
         self.burst = burst
         self.per_second = per_second
         self._take = redis.register_script(TOKEN_BUCKET)
+        self._fallback = MemoryChatRateLimiter(burst, per_second)
+        self._outage = _Outage("the chat limit")
 
     async def take(self, session_id: str) -> float:
         if self.per_second <= 0:
             return 0.0  # --chat-rate 0: no chat limit
         key = KEY_PREFIX + "chat:" + _digest(session_id)
-        return float(await self._take(keys=[key], args=[self.burst, repr(self.per_second)]))
+        try:
+            wait = float(await self._take(keys=[key], args=[self.burst, repr(self.per_second)]))
+        except (RedisError, OSError) as exc:
+            self._outage.failed(exc)
+            return await self._fallback.take(session_id)
+        self._outage.ok()
+        return wait
 
 
 class RedisLoginThrottle(LoginThrottle):
@@ -90,13 +125,25 @@ class RedisLoginThrottle(LoginThrottle):
         self.allowed = allowed
         self.window = window
         self._attempt = redis.register_script(LOGIN_WINDOW)
+        self._fallback = MemoryLoginThrottle(allowed, window)
+        self._outage = _Outage("the login throttle")
 
     @staticmethod
     def _key(key: tuple[str, str]) -> str:
         return KEY_PREFIX + "login:" + _digest(*key)
 
     async def attempt(self, key: tuple[str, str]) -> int:
-        return int(await self._attempt(keys=[self._key(key)], args=[self.allowed, self.window]))
+        try:
+            wait = int(await self._attempt(keys=[self._key(key)], args=[self.allowed, self.window]))
+        except (RedisError, OSError) as exc:
+            self._outage.failed(exc)
+            return await self._fallback.attempt(key)
+        self._outage.ok()
+        return wait
 
     async def succeeded(self, key: tuple[str, str]) -> None:
-        await self.redis.delete(self._key(key))
+        await self._fallback.succeeded(key)
+        try:
+            await self.redis.delete(self._key(key))
+        except (RedisError, OSError) as exc:
+            self._outage.failed(exc)
