@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from conftest import ChatdProcess, RawSocket, Visitor, connect_socket
+import socketio
+
+from conftest import ChatdProcess, RawSocket, SocketClient, Visitor, connect_socket
 from nginx_service import NginxService, nginx_missing, start_nginx
 from redis_service import RedisService, redis_missing, redis_service, redis_url, skip_or_fail, start_redis  # noqa: F401 (fixtures)
 
@@ -154,6 +156,40 @@ async def test_logout_on_one_process_ends_the_sessions_sockets_on_both(cluster, 
             await asyncio.wait_for(socket.disconnected.wait(), max(0.01, started + END_WITHIN - time.monotonic()))
     finally:
         await on_b.close()
+
+
+async def test_a_logout_during_handshakes_leaves_no_socket_of_the_session_connected(base_url, visitors):
+    """One process: handshakes under way while the session is logged out (the race
+    between reading the cookie and joining the session's room) all end refused or ended."""
+    visitor = await visitors(base_url)
+    await visitor.register("racer")
+    clients = [SocketClient() for _ in range(24)]
+    cookie = visitor.cookie
+
+    async def connect(client: SocketClient, delay: float) -> None:
+        await asyncio.sleep(delay)  # spread over the moment of the logout
+        try:
+            # A dict per client: the Engine.IO client takes the Cookie header out of the one it gets.
+            headers = {"Cookie": f"chatd_session={cookie}"}
+            await client.sio.connect(base_url, headers=headers, transports=["websocket"], wait_timeout=5)
+        except socketio.exceptions.ConnectionError:
+            pass  # refused: revoked
+
+    connecting = [asyncio.create_task(connect(client, i * 0.005)) for i, client in enumerate(clients)]
+    try:
+        await asyncio.sleep(0.06)  # some handshakes done, some under way, some not started
+        status, _ = await visitor.post("/api/logout")
+        assert status == 200
+        await asyncio.gather(*connecting)
+        await asyncio.sleep(END_WITHIN + 0.2)
+        assert [client.sio.connected for client in clients] == [False] * len(clients)
+        for client in clients:  # each was refused as revoked, or told its session ended
+            ended = not client.queues["session_ended"].empty()
+            refused = client.connect_error == {"message": "unauthorized", "data": {"reason": "revoked"}}
+            assert ended or refused, (client.connect_error, client.drain("session_ended"))
+    finally:
+        for client in clients:
+            await client.close()
 
 
 # -- rate limits ---------------------------------------------------------------------
