@@ -55,6 +55,14 @@ class RedisClientManager(AsyncRedisManager):
         super().__init__(url, channel=channel)
         self.control_handlers: dict[str, ControlHandler] = {}
 
+    async def emit(self, event, data, namespace=None, room=None, skip_sid=None, callback=None, to=None, **kwargs):
+        """An emit to one socket of this process (`welcome`, `chat_error`, …) stays here:
+        socket ids are random, so no other process has that socket."""
+        room = to or room
+        if room is not None and self.is_sid_room(namespace or "/", room):
+            kwargs["ignore_queue"] = True
+        await super().emit(event, data, namespace=namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs)
+
     # -- control messages -----------------------------------------------------
 
     def on_control(self, name: str, handler: ControlHandler) -> None:

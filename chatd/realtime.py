@@ -297,9 +297,9 @@ class Realtime:
         asyncio.ensure_future(self._expire(sid))
 
     async def _expire(self, sid: str) -> None:
-        if sid in self.sockets:
-            await self.sio.emit("session_ended", {"reason": "expired"}, to=sid)
-            await self.sio.disconnect(sid)
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        if sid in self.sockets and eio_sid is not None:
+            await self._end_socket(sid, eio_sid, "expired")
 
     async def close_all(self) -> None:
         """On shutdown: close every transport, so clients see the server go and reconnect later.

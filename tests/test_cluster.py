@@ -126,8 +126,9 @@ async def test_ending_a_session_on_one_process_closes_its_socket_on_the_other_ev
     try:
         assert answer.startswith("40{"), answer
         body = {"username": user, "password": "correct horse"} if reason == "login" else {}
-        started = time.monotonic()
         status, _ = await alice.post(path, body)
+        # From the answer: a login's password check (slow on purpose) comes before the ending.
+        started = time.monotonic()
         assert status == 200
         packets = []
         while (packet := await raw.recv(timeout=max(0.01, started + END_WITHIN - time.monotonic()))) != "":
@@ -277,6 +278,35 @@ async def test_broadcasts_from_both_processes_reach_a_socket_behind_nginx(cluste
             assert message["msg"] not in got, f"delivered twice: {message}"
             got.add(message["msg"])
     await receiver.nothing("new chat", wait=0.3)  # and nothing more (no echo through Redis)
+
+
+async def test_only_room_broadcasts_cross_redis_not_what_is_meant_for_one_socket(cluster, visitors):
+    """`welcome`, acks and `chat_error` go to one socket of this process: publishing them
+    would make every other process decode them for nothing."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(cluster.redis.url)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("chatd")
+    try:
+        visitor = await visitors(cluster.a.url)
+        socket = await visitor.socket()
+        await socket.next("welcome")
+        await socket.emit("send chat", {"msg": ""})  # no ack: a chat_error to this socket
+        await socket.next("chat_error")
+        ack = await socket.call("send chat", {"msg": "for the room"})
+        assert ack["ok"] is True
+        published = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            if message is not None:
+                published.append(message["data"].decode())
+        assert any('"new chat"' in data and "for the room" in data for data in published), published
+        assert not any('"welcome"' in data or '"chat_error"' in data for data in published), published
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()
 
 
 async def test_nginx_passes_the_session_cookie_and_the_api_through(cluster, visitors):
