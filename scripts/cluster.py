@@ -114,6 +114,8 @@ chatd cluster: two processes, one Redis ({redis.url}), nginx in front.
 
 nginx's ip_hash sends every window of this machine to the same process; open
 process a in one window and process b in the other to watch them chat through Redis.
+Until shared PostgreSQL is wired in, each process numbers its messages in its own
+SQLite, so ids collide and the page drops one process's messages as repeats.
 Logs: {directory}
 Ctrl-C stops everything.""",
             flush=True,

@@ -280,6 +280,23 @@ async def test_broadcasts_from_both_processes_reach_a_socket_behind_nginx(cluste
     await receiver.nothing("new chat", wait=0.3)  # and nothing more (no echo through Redis)
 
 
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_a_browser_origin_passes_the_same_origin_check_through_nginx(cluster, visitors, transport):
+    """nginx must pass the Host with its port: the browser's Origin carries it."""
+    visitor = await visitors(cluster.nginx.url)
+    await visitor.session()
+    origin = {"Origin": cluster.nginx.url}
+    status, body = await visitor.post(
+        "/api/register", {"username": f"origin-{transport}", "password": "correct horse"}, headers=origin
+    )
+    assert status == 201, body
+    socket = await connect_socket(cluster.nginx.url, cookie=visitor.cookie, transport=transport, headers=origin)
+    try:
+        assert (await socket.next("welcome"))["account"] == f"origin-{transport}"
+    finally:
+        await socket.close()
+
+
 async def test_only_room_broadcasts_cross_redis_not_what_is_meant_for_one_socket(cluster, visitors):
     """`welcome`, acks and `chat_error` go to one socket of this process: publishing them
     would make every other process decode them for nothing."""
