@@ -8,13 +8,14 @@ with `sessions.read_session`, exactly as an HTTP handler does. The identity it
 finds is fixed for the socket's lifetime.
 
 Every broadcast goes through python-socketio rooms: `room:<name>` for chat
-rooms and `session:<sid>` for all sockets of one session, so that a Redis
+rooms and `session:<sha256 of sid>` for all sockets of one session, so that a Redis
 client manager can carry them across processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -86,7 +87,8 @@ def chat_room(name: str) -> str:
 
 
 def session_room(sid: str) -> str:
-    return "session:" + sid
+    # A digest, not the sid: session endings name this room to every process over Redis.
+    return "session:" + hashlib.sha256(sid.encode("utf-8")).hexdigest()
 
 
 @dataclass(slots=True)
@@ -254,19 +256,20 @@ class Realtime:
 
     async def end_session(self, session_id: str, reason: str) -> None:
         """End a session's sockets on every process (the caller has revoked it already)."""
+        room = session_room(session_id)
         if self.cluster is not None:
-            await self.cluster.publish_control("end_session", session_id, reason)
+            await self.cluster.publish_control("end_session", room, reason)
         else:
-            await self.end_local_session(session_id, reason)
+            await self.end_local_session(room, reason)
 
-    async def end_local_session(self, session_id: str, reason: str) -> None:
-        """Tell this process's sockets of a session that it ended, then disconnect them.
+    async def end_local_session(self, room: str, reason: str) -> None:
+        """Tell this process's sockets in a session's room that it ended, then disconnect them.
 
         A socket still in its handshake (in the session's room, connect handler not
         done) is ended as soon as it is connected; one whose client ignores the
         disconnect has its transport closed by the server a moment later.
         """
-        for sid, eio_sid in list(self.sio.manager.get_participants("/", session_room(session_id))):
+        for sid, eio_sid in list(self.sio.manager.get_participants("/", room)):
             if self.sio.manager.is_connected(sid, "/"):
                 await self._end_socket(sid, eio_sid, reason)
             else:

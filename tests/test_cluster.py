@@ -37,6 +37,7 @@ class Cluster:
     a: ChatdProcess
     b: ChatdProcess
     nginx: NginxService
+    key: str
 
     @property
     def processes(self) -> tuple[ChatdProcess, ChatdProcess]:
@@ -49,7 +50,8 @@ def cluster(tmp_path_factory) -> Cluster:
         if missing:
             skip_or_fail(missing + " — `make system-deps` as root installs it")
     root: Path = tmp_path_factory.mktemp("cluster")
-    env = {"CHATD_SECRET_KEYS": Fernet.generate_key().decode("ascii")}
+    key = Fernet.generate_key().decode("ascii")
+    env = {"CHATD_SECRET_KEYS": key}
     redis = start_redis()
     started: list = [redis]
     try:
@@ -62,7 +64,7 @@ def cluster(tmp_path_factory) -> Cluster:
             started.append(process)
         nginx = start_nginx([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
         started.append(nginx)
-        yield Cluster(redis, a, b, nginx)
+        yield Cluster(redis, a, b, nginx, key)
     finally:
         for part in reversed(started):
             part.stop()
@@ -95,6 +97,17 @@ async def receive_until(socket, event: str, predicate, timeout: float = 3.0):
         item = await socket.next(event, timeout=max(0.01, deadline - time.monotonic()))
         if predicate(item):
             return item
+
+
+async def published_on(pubsub, wait: float = 1.0) -> list[str]:
+    """Everything published on the subscribed channels until `wait` seconds from now."""
+    published = []
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if message is not None:
+            published.append(message["data"].decode())
+    return published
 
 
 # -- cookies ------------------------------------------------------------------------
@@ -313,14 +326,35 @@ async def test_only_room_broadcasts_cross_redis_not_what_is_meant_for_one_socket
         await socket.next("chat_error")
         ack = await socket.call("send chat", {"msg": "for the room"})
         assert ack["ok"] is True
-        published = []
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-            if message is not None:
-                published.append(message["data"].decode())
+        published = await published_on(pubsub)
         assert any('"new chat"' in data and "for the room" in data for data in published), published
         assert not any('"welcome"' in data or '"chat_error"' in data for data in published), published
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()
+
+
+async def test_a_session_ending_crosses_redis_without_the_session_id(cluster, visitors):
+    """Session ids are secrets: what goes over Redis names the session by a digest."""
+    import json
+
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(cluster.redis.url)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("chatd")
+    try:
+        alice = await visitors(cluster.a.url)
+        await alice.register("secret-sid")
+        sid = json.loads(Fernet(cluster.key).decrypt(alice.cookie.encode()))["session"]["sid"]
+        on_b = await connect_socket(cluster.b.url, cookie=alice.cookie)
+        status, _ = await alice.post("/api/logout")
+        assert status == 200
+        assert await on_b.next("session_ended") == {"reason": "logout"}
+        published = await published_on(pubsub)
+        assert any('"end_session"' in data for data in published), published
+        assert not any(sid in data for data in published), published
+        await on_b.close()
     finally:
         await pubsub.aclose()
         await redis.aclose()
