@@ -13,6 +13,7 @@ Missing redis-server or nginx: a loud skip, or a failure under CI=true.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,35 @@ async def test_ending_a_session_on_one_process_closes_its_socket_on_the_other_ev
     assert packets[0] == f'42["session_ended",{{"reason":"{reason}"}}]', packets
     assert "41" in packets, packets  # the Socket.IO disconnect
     assert elapsed < END_WITHIN, f"the transport closed {elapsed:.2f} s after the {reason}"
+
+
+async def test_a_polling_client_that_ignores_the_ending_is_cut_off_on_the_other_process(cluster, visitors):
+    """A raw polling client on B that keeps polling as if nothing happened: within 1 s of
+    the logout through A, B refuses its polls (its Engine.IO session is gone)."""
+    import aiohttp
+
+    alice = await visitors(cluster.a.url)
+    await alice.register("polling-ignorer")
+    async with aiohttp.ClientSession(cookies={"chatd_session": alice.cookie}) as http:
+        async with http.get(cluster.b.url + "/socket.io/?EIO=4&transport=polling") as response:
+            sid = json.loads((await response.text())[1:])["sid"]
+        poll_url = cluster.b.url + f"/socket.io/?EIO=4&transport=polling&sid={sid}"
+        async with http.post(poll_url, data="40") as response:
+            assert response.status == 200
+        async with http.get(poll_url) as response:  # the CONNECT answer (and welcome)
+            assert "40{" in await response.text()
+        status, _ = await alice.post("/api/logout")
+        assert status == 200
+        started = time.monotonic()
+        received, refused = "", None
+        while time.monotonic() - started < END_WITHIN + 0.5:
+            async with http.get(poll_url) as response:
+                if response.status != 200:
+                    refused = time.monotonic() - started
+                    break
+                received += await response.text()
+        assert '42["session_ended",{"reason":"logout"}]' in received, received
+        assert refused is not None and refused < END_WITHIN, (refused, received)
 
 
 @pytest.mark.parametrize("transport", ["websocket", "polling"])
