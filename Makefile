@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client
 
-.PHONY: run test install vendor dist system-deps clean
+.PHONY: run test install vendor dist system-deps cluster clean
 
 run: install
 	$(PY) -m chatd
@@ -19,6 +19,10 @@ PG_PASS_IGNORE := --ignore=tests/test_browser.py --ignore=tests/test_storage.py 
 test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 	CHATD_TEST_BACKEND=postgres $(PY) -m pytest $(PG_PASS_IGNORE) $(PYTEST_ARGS)
+
+# Two chatd processes, a throwaway Redis and nginx on loopback; Ctrl-C stops them all.
+cluster: install
+	$(PY) scripts/cluster.py
 
 install: $(VENV)/.installed
 

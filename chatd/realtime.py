@@ -8,13 +8,14 @@ with `sessions.read_session`, exactly as an HTTP handler does. The identity it
 finds is fixed for the socket's lifetime.
 
 Every broadcast goes through python-socketio rooms: `room:<name>` for chat
-rooms and `session:<sid>` for all sockets of one session, so that a Redis
+rooms and `session:<sha256 of sid>` for all sockets of one session, so that a Redis
 client manager can carry them across processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ import socketio
 from aiohttp import web
 from socketio import packet
 
+from .fanout import RedisClientManager
 from .limits import ChatRateLimiter
 from .metrics import Metrics
 from .presence import Presence
@@ -39,6 +41,10 @@ log = logging.getLogger("chatd.realtime")
 MAX_FRAME_BYTES = 64 * 1024
 MAX_ROOMS_PER_SOCKET = 20
 WELCOME_HISTORY = 50
+# A session's socket whose client ignores `session_ended` has its transport closed this much later.
+SESSION_END_GRACE_SECONDS = 0.5
+# How long an ending waits for a socket still in its handshake to finish it.
+HANDSHAKE_WAIT_SECONDS = 5.0
 
 Handler = Callable[[str, object], Awaitable[dict]]
 
@@ -82,7 +88,8 @@ def chat_room(name: str) -> str:
 
 
 def session_room(sid: str) -> str:
-    return "session:" + sid
+    # A digest, not the sid: session endings name this room to every process over Redis.
+    return "session:" + hashlib.sha256(sid.encode("utf-8")).hexdigest()
 
 
 @dataclass(slots=True)
@@ -172,6 +179,7 @@ class Realtime:
         rate_limiter: ChatRateLimiter,
         origin_allowed: Callable[[str | None, web.Request], bool],
         metrics: Metrics | None = None,
+        client_manager: socketio.AsyncManager | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.storage = storage
@@ -187,7 +195,12 @@ class Realtime:
             cors_credentials=True,
             async_handlers=False,
             metrics=self.metrics,
+            client_manager=client_manager,
         )
+        # With several processes, a session ending is a control message every process acts on.
+        self.cluster = client_manager if isinstance(client_manager, RedisClientManager) else None
+        if self.cluster is not None:
+            self.cluster.on_control("end_session", self.end_local_session)
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.events.update(
@@ -205,12 +218,18 @@ class Realtime:
         if user is None:
             self.metrics.handshake_refused(session.rejected)
             raise socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
+        # Join the session's room first, then look at revocation again: a logout that
+        # lands between reading the cookie and joining is then seen either here or by
+        # `end_local_session`, which finds this socket in the room.
+        await self.sio.enter_room(sid, session_room(user.sid))
+        if await self.storage.is_revoked(user.sid):
+            self.metrics.handshake_refused("revoked")
+            raise socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": "revoked"})
         self.metrics.handshake_accepted()
         state = self.sockets[sid] = SocketState(user=user)
         state.expiry = asyncio.get_running_loop().call_later(
             max(0.0, user.expires_at - time.time()), self._expire_soon, sid
         )
-        await self.sio.enter_room(sid, session_room(user.sid))
         history, online, changed = await self._enter(sid, state, DEFAULT_ROOM)
         await self.sio.emit(
             "welcome",
@@ -252,19 +271,54 @@ class Realtime:
     # -- session endings ----------------------------------------------------
 
     async def end_session(self, session_id: str, reason: str) -> None:
-        """Tell every socket of a session that it ended, then disconnect them."""
+        """End a session's sockets on every process (the caller has revoked it already)."""
         room = session_room(session_id)
-        await self.sio.emit("session_ended", {"reason": reason}, room=room)
-        for sid, _eio_sid in list(self.sio.manager.get_participants("/", room)):
-            await self.sio.disconnect(sid)
+        if self.cluster is not None:
+            await self.cluster.publish_control("end_session", room, reason)
+        else:
+            await self.end_local_session(room, reason)
+
+    async def end_local_session(self, room: str, reason: str) -> None:
+        """Tell this process's sockets in a session's room that it ended, then disconnect them.
+
+        A socket still in its handshake (in the session's room, connect handler not
+        done) is ended as soon as it is connected; one whose client ignores the
+        disconnect has its transport closed by the server a moment later.
+        """
+        for sid, eio_sid in list(self.sio.manager.get_participants("/", room)):
+            if self.sio.manager.is_connected(sid, "/"):
+                await self._end_socket(sid, eio_sid, reason)
+            else:
+                asyncio.ensure_future(self._end_after_handshake(sid, eio_sid, reason))
+
+    async def _end_after_handshake(self, sid: str, eio_sid: str, reason: str) -> None:
+        deadline = time.monotonic() + HANDSHAKE_WAIT_SECONDS
+        while self.sio.manager.is_pre_connected(sid, "/") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.sio.manager.is_connected(sid, "/"):  # else the handshake was refused or dropped
+            await self._end_socket(sid, eio_sid, reason)
+
+    async def _end_socket(self, sid: str, eio_sid: str, reason: str) -> None:
+        await self.sio.emit("session_ended", {"reason": reason}, to=sid, ignore_queue=True)
+        await self.sio.disconnect(sid, ignore_queue=True)
+        asyncio.get_running_loop().call_later(
+            SESSION_END_GRACE_SECONDS, lambda: asyncio.ensure_future(self._close_transport(eio_sid))
+        )
+
+    async def _close_transport(self, eio_sid: str) -> None:
+        """Close an Engine.IO connection now, whatever its client does (as `close_all` does)."""
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if socket is not None:
+            await socket.close(wait=False)
+            socket.queue.put_nowait(None)
 
     def _expire_soon(self, sid: str) -> None:
         asyncio.ensure_future(self._expire(sid))
 
     async def _expire(self, sid: str) -> None:
-        if sid in self.sockets:
-            await self.sio.emit("session_ended", {"reason": "expired"}, to=sid)
-            await self.sio.disconnect(sid)
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        if sid in self.sockets and eio_sid is not None:
+            await self._end_socket(sid, eio_sid, "expired")
 
     async def close_all(self) -> None:
         """On shutdown: close every transport, so clients see the server go and reconnect later.

@@ -20,12 +20,16 @@ from typing import AsyncIterator
 import aiohttp_session
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .accounts import Accounts, password_problem, username_problem
-from .config import Config
+from .config import Config, ConfigError
 from .forwarded import TrustedProxies
-from .limits import LoginThrottle
+from .fanout import RedisClientManager, redis_address
+from .limits import ChatRateLimiter, LoginThrottle
 from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
+from .limits.redis import RedisChatRateLimiter, RedisLoginThrottle
 from .metrics import Metrics
 from .presence.memory import MemoryPresence
 from .realtime import Realtime
@@ -60,6 +64,8 @@ ACCOUNTS = web.AppKey("accounts", Accounts)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 REALTIME = web.AppKey("realtime", Realtime)
 METRICS = web.AppKey("metrics", Metrics)
+REDIS = web.AppKey("redis", Redis)
+CLIENT_MANAGER = web.AppKey("client_manager", RedisClientManager)
 
 USER = web.RequestKey("user", Identity)
 BODY = web.RequestKey("body", object)
@@ -333,13 +339,25 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
     app[METRICS] = metrics
     app[STORAGE] = storage
     app[ACCOUNTS] = Accounts(storage)
-    app[LOGIN_THROTTLE] = MemoryLoginThrottle()
+    # One process keeps its limits in memory; several share them, and their broadcasts, through Redis.
+    rate_limiter: ChatRateLimiter
+    client_manager = None
+    if config.redis_url:
+        app[REDIS] = Redis.from_url(config.redis_url)
+        app[CLIENT_MANAGER] = client_manager = RedisClientManager(config.redis_url)
+        rate_limiter = RedisChatRateLimiter(app[REDIS], config.chat_burst, config.chat_rate)
+        app[LOGIN_THROTTLE] = RedisLoginThrottle(app[REDIS])
+        app.cleanup_ctx.append(_redis_lifetime)
+    else:
+        rate_limiter = MemoryChatRateLimiter(config.chat_burst, config.chat_rate)
+        app[LOGIN_THROTTLE] = MemoryLoginThrottle()
     app[REALTIME] = Realtime(
         storage=storage,
         presence=MemoryPresence(),
-        rate_limiter=MemoryChatRateLimiter(config.chat_burst, config.chat_rate),
+        rate_limiter=rate_limiter,
         origin_allowed=functools.partial(_socket_origin_allowed, metrics),
         metrics=metrics,
+        client_manager=client_manager,
     )
 
     app.router.add_get("/", index)
@@ -373,6 +391,21 @@ async def _storage_lifetime(app: web.Application) -> AsyncIterator[None]:
     yield
     app[ACCOUNTS].close()
     await app[STORAGE].close()
+
+
+async def _redis_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """Reach Redis before serving (else a clear start-up error), and hear the other processes from the start."""
+    address = redis_address(app[CONFIG].redis_url or "")
+    try:
+        await app[REDIS].ping()
+        await app[CLIENT_MANAGER].start()
+    except (RedisError, OSError) as exc:
+        await app[CLIENT_MANAGER].close()
+        await app[REDIS].aclose()
+        raise ConfigError(f"cannot reach Redis at {address}: {exc}") from None
+    yield
+    await app[CLIENT_MANAGER].close()
+    await app[REDIS].aclose()
 
 
 async def _close_sockets(app: web.Application) -> None:

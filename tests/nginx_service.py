@@ -1,0 +1,132 @@
+"""A throwaway nginx (Debian's package) in front of chatd processes, for tests and `make cluster`.
+
+`start_nginx(["127.0.0.1:8001", "127.0.0.1:8002"])` writes a main config around
+deploy/nginx-chatd.conf (the same server block docs/deploy.md shows) into a
+temp dir — pid file, logs and temp paths there too — runs nginx in the
+foreground on a free loopback port, and returns an `NginxService` (its `url`,
+and `stop()`, which ends exactly that nginx by its PID and removes the dir).
+Runs as root (workers as root too, so they can use the temp dir) or as any user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from redis_service import free_port, skip_or_fail, wait_for_port
+
+NGINX = Path(os.environ.get("CHATD_NGINX", "/usr/sbin/nginx"))
+SERVER_BLOCK = Path(__file__).resolve().parent.parent / "deploy" / "nginx-chatd.conf"
+
+MAIN_CONFIG = """\
+# Written by tests/nginx_service.py: a throwaway nginx in {directory}.
+{user}
+worker_processes 1;
+daemon off;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log {directory}/access.log;
+    client_body_temp_path {directory}/client_body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+
+{server_block}
+}}
+"""
+
+
+@dataclass
+class NginxService:
+    url: str
+    port: int
+    directory: Path
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # fast shutdown: open sockets are closed
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def error_log(self) -> str:
+        path = self.directory / "error.log"
+        return path.read_text() if path.exists() else ""
+
+
+def nginx_missing() -> str | None:
+    if not os.access(NGINX, os.X_OK):
+        return f"{NGINX} is missing (Debian's nginx-light package)"
+    return None
+
+
+def server_block(upstreams: list[str], listen: str) -> str:
+    """deploy/nginx-chatd.conf with its placeholders filled in."""
+    servers = "\n".join(f"    server {address};" for address in upstreams)
+    return SERVER_BLOCK.read_text().replace("@UPSTREAM_SERVERS@", servers).replace("@LISTEN@", listen)
+
+
+def start_nginx(upstreams: list[str], port: int | None = None) -> NginxService:
+    port = port or free_port()
+    directory = Path(tempfile.mkdtemp(prefix="chatd-nginx-"))
+    block = "    " + server_block(upstreams, f"127.0.0.1:{port}").replace("\n", "\n    ")
+    # As root, nginx's workers would drop to `nobody`, who cannot use this
+    # private temp dir; as anyone else, workers stay the current user anyway.
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = directory / "nginx.conf"
+    conf.write_text(MAIN_CONFIG.format(directory=directory, user=user, server_block=block))
+    # -e: the error log from the first moment (before the config is read), not /var/log/nginx.
+    args = [str(NGINX), "-p", str(directory), "-c", str(conf), "-e", str(directory / "error.log")]
+    check = subprocess.run([*args, "-t", "-q"], capture_output=True, text=True)
+    if check.returncode != 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise RuntimeError(f"nginx refused its config: {check.stderr.strip()}")
+    # A session of its own: a Ctrl-C meant for `make cluster` reaches it only through stop().
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    service = NginxService(f"http://127.0.0.1:{port}", port, directory, proc)
+    try:
+        wait_for_port(port, proc, "nginx")
+    except Exception:
+        detail = service.error_log[-2000:]
+        service.stop()
+        raise RuntimeError(f"nginx did not start: {detail}") from None
+    return service
+
+
+@pytest.fixture
+def start_proxy():
+    """`start_proxy(["127.0.0.1:PORT", …])` → a running NginxService; all are stopped afterwards."""
+    missing = nginx_missing()
+    if missing:
+        skip_or_fail(missing + " — `make system-deps` as root installs it")
+    made: list[NginxService] = []
+
+    def start(upstreams: list[str]) -> NginxService:
+        service = start_nginx(upstreams)
+        made.append(service)
+        return service
+
+    yield start
+    for service in made:
+        service.stop()

@@ -1,0 +1,172 @@
+"""chatd.ordering.Sequencer over chatd's real SQLite storage: messages fed in any
+order and with repeats (as Redis hands several processes' publications to one
+process) come out once each, in id order; a missing one is fetched from storage
+after the hold. The two-process test through Redis comes with the wiring (phase 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from chatd.ordering import Sequencer
+from chatd.storage.sqlite import SqliteStorage
+
+HOLD = 0.2
+
+
+@pytest.fixture
+async def storage(tmp_path):
+    storage = SqliteStorage(tmp_path / "chatd.sqlite3")
+    await storage.open()
+    yield storage
+    await storage.close()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.delivered: list[dict] = []
+        self.times: dict[int, float] = {}
+        self.arrived = asyncio.Event()
+
+    async def __call__(self, message: dict) -> None:
+        self.delivered.append(message)
+        self.times[message["id"]] = time.monotonic()
+        self.arrived.set()
+
+    @property
+    def ids(self) -> list[int]:
+        return [m["id"] for m in self.delivered]
+
+    async def wait_for(self, count: int, timeout: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.delivered) < count:
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), max(0.01, deadline - time.monotonic()))
+
+
+async def store(storage, count: int, room: str = "general") -> list[dict]:
+    return [await storage.add_message(room, "alice", None, f"m{i}", time.time()) for i in range(count)]
+
+
+async def test_messages_out_of_order_come_out_in_order_without_waiting(storage):
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    assert await sequencer.enter("general", _nothing) == 0
+    messages = await store(storage, 4)
+    started = time.monotonic()
+    for i in (1, 3, 2, 0):
+        await sequencer.receive(messages[i])
+    assert recorder.ids == [1, 2, 3, 4]
+    assert time.monotonic() - started < HOLD  # every gap closed by arrival: no hold, no fetch
+    assert recorder.delivered == messages
+
+
+async def test_duplicates_are_dropped(storage):
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    messages = await store(storage, 3)
+    for i in (0, 0, 2, 2, 1, 0, 1, 2):
+        await sequencer.receive(messages[i])
+    assert recorder.ids == [1, 2, 3]
+
+
+async def test_a_message_that_never_arrives_is_fetched_from_storage_after_the_hold(storage):
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    messages = await store(storage, 5)
+    received = time.monotonic()
+    for i in (0, 2, 4):  # 2 and 4 never come by themselves
+        await sequencer.receive(messages[i])
+    assert recorder.ids == [1]
+    await recorder.wait_for(5)
+    assert recorder.delivered == messages
+    waited = recorder.times[2] - received
+    assert HOLD * 0.9 <= waited < HOLD + 1.0, waited
+    await sequencer.receive(messages[1])  # the late one, when it comes at last, is a duplicate
+    await sequencer.receive(messages[3])
+    assert recorder.ids == [1, 2, 3, 4, 5]
+
+
+async def test_a_room_starts_from_what_storage_holds_when_first_needed(storage):
+    old = await store(storage, 5)
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    # A process that has just started: what storage has is history, not news.
+    assert await sequencer.enter("general", _nothing) == 5
+    new = await store(storage, 3)
+    for message in (new[2], old[2], new[0], old[4], new[1]):
+        await sequencer.receive(message)
+    assert recorder.ids == [6, 7, 8]
+    # A room first seen through a message starts from storage too (no socket here
+    # needed the older ones), so the next one is not held.
+    other = await store(storage, 2, room="other")
+    await sequencer.receive(other[1])
+    assert sequencer.watermark("other") == other[1]["id"]
+    assert recorder.ids == [6, 7, 8]
+
+
+async def test_gaps_in_a_rooms_ids_delay_but_never_stall_delivery(storage):
+    # Ids with gaps within a room, as in data from before gapless ids (here:
+    # SQLite's ids, shared by all rooms, interleaved with another room's).
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    first = await storage.add_message("general", "a", None, "one", time.time())
+    await storage.add_message("elsewhere", "a", None, "x", time.time())
+    second = await storage.add_message("general", "a", None, "two", time.time())
+    await sequencer.receive(first)
+    await sequencer.receive(second)  # id 3: held, as 2 might be on its way
+    assert recorder.ids == [first["id"]]
+    await recorder.wait_for(2)
+    assert recorder.ids == [first["id"], second["id"]]
+
+
+async def test_many_messages_from_two_sources_in_any_order_each_come_out_once_in_order(storage):
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    messages = await store(storage, 200)
+    # Every message twice (as if published and also fetched), shuffled within windows of 10.
+    stream = [m for m in messages for _ in range(2)]
+    rng = random.Random(13)
+    for start in range(0, len(stream), 20):
+        window = stream[start : start + 20]
+        rng.shuffle(window)
+        stream[start : start + 20] = window
+    await asyncio.gather(*(sequencer.receive(m) for m in stream))
+    assert recorder.ids == list(range(1, 201))
+
+
+async def test_a_socket_entering_a_room_gets_history_up_to_the_watermark_and_everything_after(storage):
+    """No message in both (duplicate) and none in neither (lost), with deliveries in flight."""
+    inside: set[str] = set()
+    seen_live: list[int] = []
+
+    async def deliver(message: dict) -> None:
+        await asyncio.sleep(0.001)  # a delivery that suspends, as an emit may
+        if "late" in inside:
+            seen_live.append(message["id"])
+
+    async def join() -> None:
+        await asyncio.sleep(0.01)  # a join that suspends, as a real one may
+        inside.add("late")
+
+    sequencer = Sequencer(storage, deliver, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    messages = await store(storage, 60)
+    feeding = asyncio.gather(*(sequencer.receive(m) for m in messages))
+    await asyncio.sleep(0)
+    watermark = await sequencer.enter("general", join)
+    await feeding
+    history = [m["id"] for m in await storage.history("general", before=watermark + 1, limit=100)]
+    assert sorted(history + seen_live) == list(range(1, 61))
+    assert seen_live == sorted(seen_live)
+
+
+async def _nothing() -> None:
+    return None
