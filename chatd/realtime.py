@@ -28,7 +28,7 @@ from aiohttp import web
 from socketio import packet
 
 from .limits import ChatRateLimiter
-from .presence import Presence
+from .presence import Member, Presence, Publish
 from .sessions import Identity, read_session
 from .storage import Storage
 from .validation import DEFAULT_ROOM, EventError, parse_history, parse_room, parse_send_chat
@@ -58,7 +58,7 @@ class OrjsonForSocketIO:
         try:
             return orjson.dumps(obj).decode("utf-8")
         except TypeError:  # orjson.JSONEncodeError included
-            return json.dumps(obj, separators=(",", ":"))
+            return json.dumps(obj, separators=(",", ":"), default=_fragment_contents)
 
     @staticmethod
     def loads(text, **_kwargs):
@@ -74,6 +74,13 @@ class OrjsonForSocketIO:
 
 
 _LONG_DIGITS = re.compile(r"[0-9]{19}")
+
+
+def _fragment_contents(obj):
+    """The standard library's view of an orjson.Fragment (JSON encoded ahead, e.g. an online list)."""
+    if isinstance(obj, orjson.Fragment):
+        return json.loads(obj.contents)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def chat_room(name: str) -> str:
@@ -164,12 +171,12 @@ class Realtime:
         self,
         *,
         storage: Storage,
-        presence: Presence,
+        presence: Callable[[Publish], Presence],
         rate_limiter: ChatRateLimiter,
         origin_allowed: Callable[[str | None, web.Request], bool],
     ) -> None:
         self.storage = storage
-        self.presence = presence
+        self.presence = presence(self._publish_presence)
         self.rate_limiter = rate_limiter
         self.sockets: dict[str, SocketState] = {}
         self.sio = ChatServer(
@@ -202,14 +209,12 @@ class Realtime:
             max(0.0, user.expires_at - time.time()), self._expire_soon, sid
         )
         await self.sio.enter_room(sid, session_room(user.sid))
-        history, online, changed = await self._enter(sid, state, DEFAULT_ROOM)
+        history, online = await self._enter(sid, state, DEFAULT_ROOM)
         await self.sio.emit(
             "welcome",
-            {**user.public(), "room": DEFAULT_ROOM, "history": history, "online": online},
+            {"id": user.member_id, **user.public(), "room": DEFAULT_ROOM, "history": history, "online": online},
             to=sid,
         )
-        if changed:
-            await self._announce(DEFAULT_ROOM)
 
     async def on_disconnect(self, sid: str, reason=None) -> None:
         state = self.sockets.pop(sid, None)
@@ -217,22 +222,26 @@ class Realtime:
             return
         if state.expiry is not None:
             state.expiry.cancel()
+        member = state.user.presence_member()
         for room in state.rooms:
-            if await self.presence.leave(room, sid, state.user):
-                await self._announce(room)
+            await self.presence.leave(room, sid, member)
 
-    async def _enter(self, sid: str, state: SocketState, room: str) -> tuple[list[dict], list[dict], bool]:
-        """Join a chat room: its latest history, its online list, and whether that list changed."""
+    async def _enter(self, sid: str, state: SocketState, room: str) -> tuple[list[dict], orjson.Fragment]:
+        """Join a chat room: its latest history and its online list (JSON encoded ahead).
+
+        The socket enters the Socket.IO room before the list is read, so every
+        `presence` event published after that list reaches it too.
+        """
         state.rooms.add(room)
         await self.sio.enter_room(sid, chat_room(room))
-        changed = await self.presence.join(room, sid, state.user)
+        member = state.user.presence_member()
+        await self.presence.join(room, sid, member)
         history = await self.storage.history(room, limit=WELCOME_HISTORY)
-        return history, await self.presence.members(room), changed
+        return history, await self.presence.snapshot(room, member)
 
-    async def _announce(self, room: str) -> None:
-        """Send a room its online list; called whenever its membership changed."""
-        online = await self.presence.members(room)
-        await self.sio.emit("presence", {"room": room, "online": online}, room=chat_room(room))
+    async def _publish_presence(self, room: str, joins: list[Member], leaves: list[Member]) -> None:
+        """One `presence` event to every socket of a room (on every process, through the manager)."""
+        await self.sio.emit("presence", {"room": room, "joins": joins, "leaves": leaves}, room=chat_room(room))
 
     # -- session endings ----------------------------------------------------
 
@@ -264,6 +273,7 @@ class Realtime:
         for socket in list(self.sio.eio.sockets.values()):
             await socket.close(wait=False)  # sends CLOSE, runs the disconnect handlers
             socket.queue.put_nowait(None)  # ends the writer, which closes a websocket
+        await self.presence.close()  # nobody is left to tell
 
     # -- events -------------------------------------------------------------
 
@@ -292,11 +302,9 @@ class Realtime:
             raise EventError("too_many_rooms", f"A connection can be in at most {MAX_ROOMS_PER_SOCKET} rooms.")
         if room in state.rooms:
             history = await self.storage.history(room, limit=WELCOME_HISTORY)
-            online = await self.presence.members(room)
+            online = await self.presence.snapshot(room, state.user.presence_member())
         else:
-            history, online, changed = await self._enter(sid, state, room)
-            if changed:
-                await self._announce(room)
+            history, online = await self._enter(sid, state, room)
         return {"ok": True, "room": room, "history": history, "online": online}
 
     async def leave(self, sid: str, payload) -> dict:
@@ -304,8 +312,7 @@ class Realtime:
         state = self._joined(sid, room)
         state.rooms.discard(room)
         await self.sio.leave_room(sid, chat_room(room))
-        if await self.presence.leave(room, sid, state.user):
-            await self._announce(room)
+        await self.presence.leave(room, sid, state.user.presence_member())
         return {"ok": True}
 
     async def history(self, sid: str, payload) -> dict:

@@ -293,7 +293,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
     app[LOGIN_THROTTLE] = MemoryLoginThrottle()
     app[REALTIME] = Realtime(
         storage=storage,
-        presence=MemoryPresence(),
+        presence=MemoryPresence,
         rate_limiter=MemoryChatRateLimiter(config.chat_burst, config.chat_rate),
         origin_allowed=origin_allowed,
     )
