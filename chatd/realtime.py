@@ -30,6 +30,7 @@ from socketio import packet
 from .limits import ChatRateLimiter
 from .presence import Member, Presence, Publish
 from .sessions import Identity, read_session
+from .socketrooms import IndexedAsyncManager
 from .storage import Storage
 from .validation import DEFAULT_ROOM, EventError, parse_history, parse_room, parse_send_chat
 
@@ -181,6 +182,7 @@ class Realtime:
         self.sockets: dict[str, SocketState] = {}
         self.sio = ChatServer(
             async_mode="aiohttp",
+            client_manager=IndexedAsyncManager(),  # disconnect storms cost each socket's rooms, not all rooms
             json=OrjsonForSocketIO,
             max_http_buffer_size=MAX_FRAME_BYTES,
             # A callable, never []: an empty list would switch engine.io's origin check off.

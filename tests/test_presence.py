@@ -17,7 +17,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from chatd.sessions import COOKIE_NAME
-from conftest import SocketClient, apply_presence, by_name, connect_socket
+from conftest import Visitor, apply_presence, by_name, connect_socket
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -248,3 +248,55 @@ async def test_cookies_from_before_member_ids_get_a_keyed_hash_the_same_on_every
         assert (await socket.next("welcome"))["id"] != ids[0]
     finally:
         await socket.close()
+
+
+# -- the manager's room index (chatd/socketrooms.py) -------------------------------------------
+
+# python-socketio's `basic_disconnect` as chatd/socketrooms.py copied it (5.18). A change here
+# means the copy must be checked again (and the pin in setup.cfg moved).
+BASIC_DISCONNECT_SHA256 = "2933b50bc4b2ea7b4367a84e05c2e22c52fed98b00afc3b88d06d61ab9fb9aa1"
+
+
+def test_the_copied_manager_internals_have_not_moved():
+    import hashlib
+    import inspect
+
+    from socketio.base_manager import BaseManager
+
+    source = inspect.getsource(BaseManager.basic_disconnect)
+    assert hashlib.sha256(source.encode()).hexdigest() == BASIC_DISCONNECT_SHA256, source
+
+
+async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(aiohttp_server, make_config):
+    from chatd.web import REALTIME, create_app
+
+    app = create_app(make_config())
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/")).rstrip("/")
+    manager = app[REALTIME].sio.manager
+    visitors_, sockets = [], []
+    try:
+        for _ in range(6):
+            visitor = Visitor(url)
+            visitors_.append(visitor)
+            socket = await visitor.socket()
+            await socket.next("welcome")
+            assert (await socket.call("join", {"room": "side"}))["ok"] is True
+            sockets.append(socket)
+        full_scan = {
+            sid: sorted(r for r, members in manager.rooms["/"].items() if r is not None and sid in members)
+            for sid in manager.rooms["/"][None]
+        }
+        assert all(sorted(manager.get_rooms(sid, "/")) == rooms for sid, rooms in full_scan.items())
+        assert all(len(rooms) == 4 for rooms in full_scan.values())  # its own, its session's, general, side
+        for socket in sockets[:4]:
+            await socket.close()
+        await asyncio.sleep(0.2)
+        left = set(manager.rooms["/"][None])
+        assert len(left) == 2
+        for room, members in manager.rooms["/"].items():
+            assert set(members) <= left, room
+        assert {sid for _, sid in manager._rooms_of} == left
+    finally:
+        for visitor in visitors_:
+            await visitor.close()
