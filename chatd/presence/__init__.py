@@ -27,8 +27,6 @@ from __future__ import annotations
 import abc
 from typing import Awaitable, Callable
 
-import orjson
-
 from .batching import ChangeBatcher
 
 Member = dict  # {"id": str, "name": str, "account": str | None}
@@ -57,8 +55,8 @@ class Presence(abc.ABC):
             self._batcher.touch(room, member)
 
     @abc.abstractmethod
-    async def snapshot(self, room: str, member: Member) -> orjson.Fragment:
-        """The room's `online` list as JSON: its last published state, plus `member`
+    async def snapshot(self, room: str, member: Member) -> str:
+        """The room's `online` list as JSON text: its last published state, plus `member`
         (the caller), sorted as SPEC says."""
 
     async def close(self) -> None:

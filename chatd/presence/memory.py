@@ -4,7 +4,7 @@ Per room: the current sockets of each session, and the *published* state — the
 members every socket of the room knows about — kept sorted (SPEC's order) in
 two parallel lists, with each member's JSON made once. The published list's
 JSON is joined at most once per published change and reused by every snapshot
-until the next one, so a handshake into a room of thousands copies bytes
+until the next one, so a handshake into a room of thousands copies text
 instead of encoding thousands of members.
 """
 
@@ -23,16 +23,16 @@ class _Published:
 
     def __init__(self) -> None:
         self.keys: list[tuple[str, str]] = []  # sort_key of each member, sorted
-        self.fragments: list[bytes] = []  # each member's JSON, in the same order
+        self.fragments: list[str] = []  # each member's JSON, in the same order
         self.ids: set[str] = set()
-        self._encoded: bytes | None = None
+        self._encoded: str | None = None
         self._offsets: list[int] | None = None
 
     def add(self, member: Member) -> None:
         key = sort_key(member)
         index = bisect_left(self.keys, key)
         self.keys.insert(index, key)
-        self.fragments.insert(index, orjson.dumps(member))
+        self.fragments.insert(index, _json(member))
         self.ids.add(member["id"])
         self._encoded = self._offsets = None
 
@@ -45,27 +45,31 @@ class _Published:
             self._encoded = self._offsets = None
 
     @property
-    def encoded(self) -> bytes:
+    def encoded(self) -> str:
         if self._encoded is None:
-            self._encoded = b"[" + b",".join(self.fragments) + b"]"
+            self._encoded = "[" + ",".join(self.fragments) + "]"
         return self._encoded
 
-    def with_member(self, member: Member) -> bytes:
-        """The JSON list with `member` in its place; the cached bytes when it is there already."""
+    def with_member(self, member: Member) -> str:
+        """The JSON list with `member` in its place; the cached text when it is there already."""
         if member["id"] in self.ids:
             return self.encoded
-        fragment = orjson.dumps(member)
+        fragment = _json(member)
         index = bisect_left(self.keys, sort_key(member))
         if not self.keys:
-            return b"[" + fragment + b"]"
+            return "[" + fragment + "]"
+        encoded = self.encoded
         if index == len(self.keys):
-            return b"".join((memoryview(self.encoded)[:-1], b",", fragment, b"]"))
+            return "".join((encoded[:-1], ",", fragment, "]"))
         if self._offsets is None:
             # Where each member's JSON starts: after "[" and each earlier member and its ",".
             self._offsets = list(itertools.accumulate((len(f) + 1 for f in self.fragments), initial=1))
         at = self._offsets[index]
-        encoded = memoryview(self.encoded)
-        return b"".join((encoded[:at], fragment, b",", encoded[at:]))
+        return "".join((encoded[:at], fragment, ",", encoded[at:]))
+
+
+def _json(member: Member) -> str:
+    return orjson.dumps(member).decode("utf-8")
 
 
 class _Room:
@@ -79,10 +83,10 @@ class MemoryPresence(Presence):
         super().__init__(publish)
         self._rooms: dict[str, _Room] = {}
 
-    async def snapshot(self, room: str, member: Member) -> orjson.Fragment:
+    async def snapshot(self, room: str, member: Member) -> str:
         state = self._rooms.get(room)
         published = state.published if state is not None else _Published()
-        return orjson.Fragment(published.with_member(member))
+        return published.with_member(member)
 
     async def _add(self, room: str, socket_id: str, member: Member) -> bool:
         state = self._rooms.get(room)
