@@ -57,9 +57,9 @@ class OrjsonForSocketIO:
     @staticmethod
     def dumps(obj, **_kwargs) -> str:
         try:
-            return orjson.dumps(obj).decode("utf-8")
+            return orjson.dumps(obj, default=_as_fragment).decode("utf-8")
         except TypeError:  # orjson.JSONEncodeError included
-            return json.dumps(obj, separators=(",", ":"), default=_fragment_contents)
+            return json.dumps(obj, separators=(",", ":"), default=_as_parsed)
 
     @staticmethod
     def loads(text, **_kwargs):
@@ -77,10 +77,24 @@ class OrjsonForSocketIO:
 _LONG_DIGITS = re.compile(r"[0-9]{19}")
 
 
-def _fragment_contents(obj):
-    """The standard library's view of an orjson.Fragment (JSON encoded ahead, e.g. an online list)."""
-    if isinstance(obj, orjson.Fragment):
-        return json.loads(obj.contents)
+class JsonText:
+    """JSON encoded ahead (an online list), put into a packet as it is."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _as_fragment(obj):
+    if isinstance(obj, JsonText):
+        return orjson.Fragment(obj.text)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _as_parsed(obj):
+    if isinstance(obj, JsonText):
+        return json.loads(obj.text)
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
@@ -316,8 +330,8 @@ class Realtime:
             online = await self.presence.snapshot(room, state.user.presence_member())
         else:
             history, online = await self._enter(sid, state, room)
-        # A Fragment: the list goes into the ack as the text presence keeps, not re-encoded.
-        return {"ok": True, "room": room, "history": history, "online": orjson.Fragment(online)}
+        # The list goes into the ack as the text presence keeps, not re-encoded.
+        return {"ok": True, "room": room, "history": history, "online": JsonText(online)}
 
     async def leave(self, sid: str, payload) -> dict:
         room = parse_room(payload)
