@@ -688,3 +688,28 @@ async def test_online_list_one_entry_per_session_same_names_told_apart_and_a_lea
     await asyncio.sleep(0.3)
     await expect(online(twins[0])).to_have_count(2)
     await expect(online(twins[0]).filter(has_text=alice_name)).to_have_count(1)
+
+
+async def test_a_big_room_shows_its_count_and_the_first_200_members(start_chatd, open_page):
+    import aiohttp
+
+    from test_presence import connect_many
+
+    url = await start_chatd()
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
+    ) as http:
+        crowd = await connect_many(http, url, 250)
+        try:
+            page = await online_now(await open_page(url, "in a crowd"))
+            await expect(page.get_by_role("heading", name="Online in #general (251)")).to_be_visible()
+            await expect(online(page)).to_have_count(201)  # 200 members, then "and 51 more"
+            await expect(online(page).last).to_have_text("and 51 more")
+            await screenshot(page, "online-crowd-desktop")
+            # 60 leave at once: one or two changes, and the list is whole again.
+            await asyncio.gather(*(member.close() for member in crowd[:60]))
+            await expect(page.get_by_role("heading", name="Online in #general (191)")).to_be_visible()
+            await expect(online(page)).to_have_count(191)
+            await expect(online(page).filter(has_text=re.compile("more$"))).to_have_count(0)
+        finally:
+            await asyncio.gather(*(member.close() for member in crowd), return_exceptions=True)
