@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 from socketio import AsyncRedisManager
 
+from .socketrooms import RoomIndex
+
 log = logging.getLogger("chatd.fanout")
 
 CHANNEL = "chatd"
@@ -48,7 +50,7 @@ def redis_address(url: str) -> str:
 # <that mixin>) or the mixin placed before AsyncManager in the MRO): AsyncPubSubManager
 # delivers on this process through `super().emit`, so the mixin then serves both
 # our own emits and those received from Redis.
-class RedisClientManager(AsyncRedisManager):
+class RedisClientManager(RoomIndex, AsyncRedisManager):
     """python-socketio's Redis manager with chatd's control messages and an explicit start and stop."""
 
     def __init__(self, url: str, *, channel: str = CHANNEL) -> None:

@@ -31,8 +31,9 @@ from socketio import packet
 from .fanout import RedisClientManager
 from .limits import ChatRateLimiter
 from .metrics import Metrics
-from .presence import Presence
+from .presence import Member, Presence, Publish
 from .sessions import Identity, read_session
+from .socketrooms import IndexedAsyncManager
 from .storage import Storage
 from .validation import DEFAULT_ROOM, EventError, parse_history, parse_room, parse_send_chat
 
@@ -63,9 +64,9 @@ class OrjsonForSocketIO:
     @staticmethod
     def dumps(obj, **_kwargs) -> str:
         try:
-            return orjson.dumps(obj).decode("utf-8")
+            return orjson.dumps(obj, default=_as_fragment).decode("utf-8")
         except TypeError:  # orjson.JSONEncodeError included
-            return json.dumps(obj, separators=(",", ":"))
+            return json.dumps(obj, separators=(",", ":"), default=_as_parsed)
 
     @staticmethod
     def loads(text, **_kwargs):
@@ -81,6 +82,27 @@ class OrjsonForSocketIO:
 
 
 _LONG_DIGITS = re.compile(r"[0-9]{19}")
+
+
+class JsonText:
+    """JSON encoded ahead (an online list), put into a packet as it is."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _as_fragment(obj):
+    if isinstance(obj, JsonText):
+        return orjson.Fragment(obj.text)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _as_parsed(obj):
+    if isinstance(obj, JsonText):
+        return json.loads(obj.text)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def chat_room(name: str) -> str:
@@ -175,7 +197,7 @@ class Realtime:
         self,
         *,
         storage: Storage,
-        presence: Presence,
+        presence: Callable[[Publish], Presence],
         rate_limiter: ChatRateLimiter,
         origin_allowed: Callable[[str | None, web.Request], bool],
         metrics: Metrics | None = None,
@@ -183,11 +205,13 @@ class Realtime:
     ) -> None:
         self.metrics = metrics or Metrics()
         self.storage = storage
-        self.presence = presence
+        self.presence = presence(self._publish_presence)
         self.rate_limiter = rate_limiter
         self.sockets: dict[str, SocketState] = {}
         self.sio = ChatServer(
             async_mode="aiohttp",
+            # Either way each socket's rooms are indexed: disconnect storms cost each socket's rooms, not all rooms.
+            client_manager=client_manager or IndexedAsyncManager(),
             json=OrjsonForSocketIO,
             max_http_buffer_size=MAX_FRAME_BYTES,
             # A callable, never []: an empty list would switch engine.io's origin check off.
@@ -195,7 +219,6 @@ class Realtime:
             cors_credentials=True,
             async_handlers=False,
             metrics=self.metrics,
-            client_manager=client_manager,
         )
         # With several processes, a session ending is a control message every process acts on.
         self.cluster = client_manager if isinstance(client_manager, RedisClientManager) else None
@@ -230,14 +253,9 @@ class Realtime:
         state.expiry = asyncio.get_running_loop().call_later(
             max(0.0, user.expires_at - time.time()), self._expire_soon, sid
         )
-        history, online, changed = await self._enter(sid, state, DEFAULT_ROOM)
-        await self.sio.emit(
-            "welcome",
-            {**user.public(), "room": DEFAULT_ROOM, "history": history, "online": online},
-            to=sid,
-        )
-        if changed:
-            await self._announce(DEFAULT_ROOM)
+        history, online = await self._enter(sid, state, DEFAULT_ROOM)
+        welcome = {"id": user.member_id, **user.public(), "room": DEFAULT_ROOM, "history": history}
+        await self._send_welcome(sid, welcome, online)
 
     async def on_disconnect(self, sid: str, reason=None) -> None:
         state = self.sockets.pop(sid, None)
@@ -245,22 +263,38 @@ class Realtime:
             return
         if state.expiry is not None:
             state.expiry.cancel()
+        member = state.user.presence_member()
         for room in state.rooms:
-            if await self.presence.leave(room, sid, state.user):
-                await self._announce(room)
+            await self.presence.leave(room, sid, member)
 
-    async def _enter(self, sid: str, state: SocketState, room: str) -> tuple[list[dict], list[dict], bool]:
-        """Join a chat room: its latest history, its online list, and whether that list changed."""
+    async def _send_welcome(self, sid: str, welcome: dict, online: str) -> None:
+        """Emit `welcome` with its `online` list spliced in as the JSON text presence keeps.
+
+        In a room of thousands that list is most of the packet: built here by one
+        concatenation and handed to Engine.IO as a finished Socket.IO EVENT packet
+        (`2["welcome",{…}]`, namespace `/`), it is neither parsed nor encoded again,
+        so the 5,000th handshake costs about what the first does.
+        """
+        head = OrjsonForSocketIO.dumps(welcome)  # {"id":…,"history":[…]}
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        await self.sio.eio.send(eio_sid, '2["welcome",' + head[:-1] + ',"online":' + online + "}]")
+
+    async def _enter(self, sid: str, state: SocketState, room: str) -> tuple[list[dict], str]:
+        """Join a chat room: its latest history and its online list (JSON text, encoded ahead).
+
+        The socket enters the Socket.IO room before the list is read, so every
+        `presence` event published after that list reaches it too.
+        """
         state.rooms.add(room)
         await self.sio.enter_room(sid, chat_room(room))
-        changed = await self.presence.join(room, sid, state.user)
+        member = state.user.presence_member()
+        await self.presence.join(room, sid, member)
         history = await self.storage.history(room, limit=WELCOME_HISTORY)
-        return history, await self.presence.members(room), changed
+        return history, await self.presence.snapshot(room, member)
 
-    async def _announce(self, room: str) -> None:
-        """Send a room its online list; called whenever its membership changed."""
-        online = await self.presence.members(room)
-        await self.sio.emit("presence", {"room": room, "online": online}, room=chat_room(room))
+    async def _publish_presence(self, room: str, joins: list[Member], leaves: list[Member]) -> None:
+        """One `presence` event to every socket of a room (on every process, through the manager)."""
+        await self.sio.emit("presence", {"room": room, "joins": joins, "leaves": leaves}, room=chat_room(room))
 
     def online_counts(self) -> tuple[int, int, int]:
         """For metrics: sockets, rooms with a socket, and sessions with a socket, on this process."""
@@ -333,6 +367,7 @@ class Realtime:
         for socket in list(self.sio.eio.sockets.values()):
             await socket.close(wait=False)  # sends CLOSE, runs the disconnect handlers
             socket.queue.put_nowait(None)  # ends the writer, which closes a websocket
+        await self.presence.close()  # nobody is left to tell
 
     # -- events -------------------------------------------------------------
 
@@ -362,20 +397,18 @@ class Realtime:
             raise EventError("too_many_rooms", f"A connection can be in at most {MAX_ROOMS_PER_SOCKET} rooms.")
         if room in state.rooms:
             history = await self.storage.history(room, limit=WELCOME_HISTORY)
-            online = await self.presence.members(room)
+            online = await self.presence.snapshot(room, state.user.presence_member())
         else:
-            history, online, changed = await self._enter(sid, state, room)
-            if changed:
-                await self._announce(room)
-        return {"ok": True, "room": room, "history": history, "online": online}
+            history, online = await self._enter(sid, state, room)
+        # The list goes into the ack as the text presence keeps, not re-encoded.
+        return {"ok": True, "room": room, "history": history, "online": JsonText(online)}
 
     async def leave(self, sid: str, payload) -> dict:
         room = parse_room(payload)
         state = self._joined(sid, room)
         state.rooms.discard(room)
         await self.sio.leave_room(sid, chat_room(room))
-        if await self.presence.leave(room, sid, state.user):
-            await self._announce(room)
+        await self.presence.leave(room, sid, state.user.presence_member())
         return {"ok": True}
 
     async def history(self, sid: str, payload) -> dict:

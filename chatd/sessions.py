@@ -8,10 +8,20 @@ the storage accepts it) and a reason for every cookie it rejects (`no_session`,
 Both sides read a session the same way: `await read_session(request)`. On HTTP
 that is the request itself; on Socket.IO it is the aiohttp request of the
 Engine.IO handshake, found in the socket's environ.
+
+Every session also has a public member id (what presence shows other people):
+random, drawn when the session is issued and carried inside the encrypted
+cookie, so every process reads the same id and nothing links it to the `sid`.
+Cookies issued before member ids existed get a keyed hash of their `sid`
+instead (see `fallback_member_id`).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -30,6 +40,9 @@ INVALID_SESSION = "invalid_session"
 EXPIRED = "expired"
 REVOKED = "revoked"
 
+MEMBER_ID_CHARS = 16  # base64url characters: 96 bits
+_MEMBER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -39,9 +52,15 @@ class Identity:
     name: str
     account: str | None
     expires_at: int
+    member_id: str  # public, opaque; never the sid nor derived from it alone
 
     def member(self) -> dict:
+        """The HTTP API's answer to register / log in / log out."""
         return {"name": self.name, "account": self.account}
+
+    def presence_member(self) -> dict:
+        """SPEC's Member: how presence shows this session to others."""
+        return {"id": self.member_id, "name": self.name, "account": self.account}
 
     def public(self) -> dict:
         return {"name": self.name, "account": self.account, "expires_at": self.expires_at}
@@ -54,12 +73,40 @@ class RotatingFernet(Fernet):
     def __init__(self, keys: list[str] | tuple[str, ...]) -> None:
         super().__init__(keys[0])
         self._multi = MultiFernet([Fernet(k) for k in keys])
+        self._each = [(Fernet(k), _member_id_key(k)) for k in keys]
 
     def encrypt(self, data: bytes) -> bytes:
         return self._multi.encrypt(data)
 
     def decrypt(self, token: bytes | str, ttl: int | None = None) -> bytes:
         return self._multi.decrypt(token, ttl)
+
+    def decrypt_with_member_key(self, token: bytes) -> tuple[bytes, bytes]:
+        """Decrypt as `MultiFernet` does (each key in turn); also the member-id key of
+        the key that opened the token."""
+        for fernet, member_key in self._each:
+            try:
+                return fernet.decrypt(token), member_key
+            except InvalidToken:
+                continue
+        raise InvalidToken
+
+
+def _member_id_key(fernet_key: str) -> bytes:
+    """A key for member-id hashes, derived from a Fernet key and used for nothing else."""
+    return hmac.new(base64.urlsafe_b64decode(fernet_key), b"chatd member id v1", hashlib.sha256).digest()
+
+
+def fallback_member_id(sid: str, member_key: bytes) -> str:
+    """The member id of a cookie issued before member ids existed: HMAC-SHA256 of the sid
+    under a key derived from the secret key that encrypted the cookie, so every process
+    computes the same id and nobody without the key can link it to the sid."""
+    digest = hmac.new(member_key, sid.encode("utf-8"), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii")[:MEMBER_ID_CHARS]
+
+
+def new_member_id() -> str:
+    return secrets.token_urlsafe(MEMBER_ID_CHARS * 3 // 4)
 
 
 class ChatSession(aiohttp_session.Session):
@@ -99,8 +146,9 @@ class SessionCookieStorage(EncryptedCookieStorage):
             return self._rejected(NO_SESSION)
         try:
             # No Fernet ttl here: an expired cookie must be told apart from a forged one.
-            data = self._decoder(self._fernet.decrypt(token.encode("utf-8")).decode("utf-8"))
-            user = _identity_from(data["session"])
+            plain, member_key = self._fernet.decrypt_with_member_key(token.encode("utf-8"))
+            data = self._decoder(plain.decode("utf-8"))
+            user = _identity_from(data["session"], member_key)
         except (InvalidToken, ValueError, TypeError, KeyError, UnicodeError):
             return self._rejected(INVALID_SESSION)
         if user.expires_at <= time.time():
@@ -118,13 +166,18 @@ class SessionCookieStorage(EncryptedCookieStorage):
         return session
 
 
-def _identity_from(fields: dict) -> Identity:
+def _identity_from(fields: dict, member_key: bytes) -> Identity:
     sid, name, account, exp = fields["sid"], fields["name"], fields["account"], fields["exp"]
     if not (isinstance(sid, str) and isinstance(name, str) and isinstance(exp, int)):
         raise TypeError("malformed session")
     if account is not None and not isinstance(account, str):
         raise TypeError("malformed session")
-    return Identity(sid=sid, name=name, account=account, expires_at=exp)
+    member_id = fields.get("mid")
+    if member_id is None:  # a cookie from before member ids
+        member_id = fallback_member_id(sid, member_key)
+    elif not (isinstance(member_id, str) and _MEMBER_ID_RE.fullmatch(member_id)):
+        raise TypeError("malformed session")
+    return Identity(sid=sid, name=name, account=account, expires_at=exp, member_id=member_id)
 
 
 async def read_session(request: web.Request) -> ChatSession:
@@ -144,8 +197,11 @@ async def issue_session(request: web.Request, name: str, account: str | None) ->
         name=name,
         account=account,
         expires_at=int(time.time()) + storage.ttl,
+        member_id=new_member_id(),
     )
-    session.update({"sid": user.sid, "name": user.name, "account": user.account, "exp": user.expires_at})
+    session.update(
+        {"sid": user.sid, "name": user.name, "account": user.account, "exp": user.expires_at, "mid": user.member_id}
+    )
     session.user = user
     return user
 

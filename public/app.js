@@ -20,7 +20,7 @@ const RECOVER_DELAY_MS = 1500;
 const RECOVER_DELAY_MAX_MS = 30000;
 
 const rooms = new Rooms();
-let me = null; // {name, account}
+let me = null; // {name, account, id}: id (the public member id) once welcomed
 let connection = null;
 let ready = false; // welcomed, and every room joined again
 let switching = 0; // log in / register / log out requests in flight
@@ -78,7 +78,7 @@ async function resync(current, room, welcome) {
 async function catchUp(current, room, history, online) {
   const since = room.lastId;
   if (since === null) room.hasOlder = history.length >= HISTORY_PAGE;
-  room.online = online;
+  room.online.reset(online);
   if (room.name === rooms.current) view.renderOnline(room, me);
   addMessages(room, history, since ?? Infinity);
   if (room.name === rooms.current) view.showOlderButton(room, loadingOlder);
@@ -150,9 +150,9 @@ async function switchSession(request) {
   connect();
 }
 
-function setIdentity({ name, account }) {
+function setIdentity({ name, account, id = null }) {
   const changed = !me || me.name !== name || me.account !== account;
-  me = { name, account };
+  me = { name, account, id: id ?? (changed ? null : me.id) };
   view.showIdentity(me);
   if (changed) {
     view.forgetMessageNodes(); // which messages are "mine" changed
@@ -169,14 +169,12 @@ function onChat(message) {
   if (message.room === rooms.current && !view.isMine(message, me)) view.announce(`${message.name}: ${message.msg}`);
 }
 
-function onPresence({ room: name, online }) {
-  const room = rooms.get(name);
-  if (!room) return;
-  // While we are in a room, its list includes us. A list without us announces our own
-  // departure (the server is cutting this socket off, e.g. at shutdown): keep the last one.
-  if (me && !online.some((m) => m.name === me.name && m.account === me.account)) return;
-  room.online = online;
-  if (name === rooms.current) view.renderOnline(room, me);
+function onPresence(change) {
+  const room = rooms.get(change.room);
+  if (!room) return; // not joined yet: the join's snapshot will be newer
+  // While this socket is in a room, our session is in it: a leave of our own id can only be stale.
+  room.online.apply(change, me?.id);
+  if (change.room === rooms.current) view.renderOnline(room, me);
 }
 
 /** Merge new messages into a room; those with ids above `unreadAbove` count as unread when the room is not shown. */

@@ -138,18 +138,46 @@ async def visitors(base_url):
         await visitor.close()
 
 
+def apply_presence(online: dict[str, dict], event: dict) -> None:
+    """SPEC's rule: remove every `leaves` id, then add every `joins` entry."""
+    for member in event["leaves"]:
+        online.pop(member["id"], None)
+    for member in event["joins"]:
+        online[member["id"]] = member
+
+
+def by_name(members) -> list[dict]:
+    """SPEC's order of online lists: name without regard to case, then id."""
+    return sorted(members, key=lambda m: (m["name"].casefold(), m["id"]))
+
+
 class SocketClient:
-    """A python-socketio AsyncClient that queues every event it receives, by name."""
+    """A python-socketio AsyncClient that queues every event it receives, by name.
+
+    It also keeps what a client knows of each room's online list (`online[room]`,
+    member id -> Member): the snapshot of `welcome` or a `join` ack, then every
+    `presence` event applied as SPEC says.
+    """
 
     def __init__(self) -> None:
         self.sio = socketio.AsyncClient(reconnection=False)
         self.queues: dict[str, asyncio.Queue] = defaultdict(asyncio.Queue)
         self.connect_error: dict | None = None
         self.disconnected = asyncio.Event()
+        self.online: dict[str, dict[str, dict]] = {}
+        self.id: str | None = None  # this session's member id, from `welcome`
+        self.me: dict | None = None  # this session's Member, from `welcome`
 
         @self.sio.on("*")
         async def any_event(event, *args):
-            self.queues[event].put_nowait(args[0] if len(args) == 1 else args)
+            payload = args[0] if len(args) == 1 else args
+            if event == "welcome":
+                self.id = payload["id"]
+                self.me = {"id": payload["id"], "name": payload["name"], "account": payload["account"]}
+                self.online[payload["room"]] = {m["id"]: m for m in payload["online"]}
+            elif event == "presence" and payload["room"] in self.online:
+                apply_presence(self.online[payload["room"]], payload)
+            self.queues[event].put_nowait(payload)
 
         @self.sio.event
         async def connect_error(data):
@@ -174,7 +202,25 @@ class SocketClient:
         return items
 
     async def call(self, event: str, payload=None, timeout: float = EVENT_TIMEOUT):
-        return await self.sio.call(event, payload, timeout=timeout)
+        answer = await self.sio.call(event, payload, timeout=timeout)
+        if isinstance(answer, dict) and answer.get("ok"):
+            if event == "join":
+                self.online[answer["room"]] = {m["id"]: m for m in answer["online"]}
+            elif event == "leave":
+                self.online.pop(payload["room"], None)
+        return answer
+
+    def members(self, room: str = "general") -> list[dict]:
+        """This client's online list of a room, in SPEC's order."""
+        return by_name(self.online.get(room, {}).values())
+
+    async def sees(self, room: str, expected: list[dict], timeout: float = 2.0) -> None:
+        """Wait until this client's online list of `room` is `expected` (any order)."""
+        deadline = time.monotonic() + timeout
+        while self.members(room) != by_name(expected):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{room}: saw {self.members(room)}, expected {by_name(expected)}")
+            await asyncio.sleep(0.01)
 
     async def emit(self, event: str, payload=None) -> None:
         await self.sio.emit(event, payload)

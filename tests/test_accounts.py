@@ -112,7 +112,7 @@ async def test_register_logs_in_the_new_account_everywhere(visitors, base_url, s
     socket = await visitor.socket()
     welcome = await socket.next("welcome")
     assert (welcome["name"], welcome["account"], welcome["expires_at"]) == ("Alice_1", "Alice_1", session["expires_at"])
-    assert {"name": "Alice_1", "account": "Alice_1"} in welcome["online"]
+    assert {"id": welcome["id"], "name": "Alice_1", "account": "Alice_1"} in welcome["online"]
     ack = await socket.call("send chat", {"msg": "registered"})
     message = await socket.next("new chat")
     assert (message["id"], message["name"], message["account"]) == (ack["id"], "Alice_1", "Alice_1")
@@ -409,8 +409,8 @@ async def test_concurrent_logins_do_not_stall_chat(visitors):
     for socket in (alice, bob):
         await socket.next("welcome")
     for socket in (alice, bob):
-        while len((await socket.next("presence"))["online"]) < 2:
-            pass
+        while len(socket.members()) < 2:
+            await socket.next("presence")
     logins = [await visitors() for _ in range(20)]
     for visitor in logins:
         await visitor.session()

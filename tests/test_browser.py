@@ -621,3 +621,95 @@ async def test_screenshots_and_a_phone_sized_page_that_never_scrolls_sideways(st
     widths = await phone.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert widths <= 0
     await screenshot(phone, "room-360x740")
+
+
+# -- issue 10: the online list is a snapshot then changes --------------------------------
+
+
+def forged_guest_cookie(secret_key: str, name: str) -> str:
+    """A guest session of a chosen name, made as chatd makes one (guest names repeat by chance)."""
+    import json
+    import secrets
+
+    from cryptography.fernet import Fernet
+
+    session = {
+        "sid": secrets.token_urlsafe(24),
+        "name": name,
+        "account": None,
+        "exp": int(time.time()) + 3600,
+        "mid": secrets.token_urlsafe(12),
+    }
+    return Fernet(secret_key).encrypt(json.dumps({"created": int(time.time()), "session": session}).encode()).decode()
+
+
+async def test_online_list_one_entry_per_session_same_names_told_apart_and_a_leave(
+    start_chatd, open_page, browser, secret_key
+):
+    url = await start_chatd()
+    alice = await online_now(await open_page(url, "alice"))
+    alice_tab = await online_now(await open_page(url, "alice tab 2", context=alice.context))
+    alice_name = await my_name(alice).text_content()
+
+    twins = []
+    for label in ("twin 1", "twin 2"):
+
+        async def with_cookie(page: Page) -> None:
+            host = urlsplit(url).hostname
+            cookie = forged_guest_cookie(secret_key, "guest-0042")
+            await page.context.add_cookies([{"name": "chatd_session", "value": cookie, "domain": host, "path": "/"}])
+
+        twins.append(await online_now(await open_page(url, label, before_goto=with_cookie)))
+
+    for page in (alice, alice_tab, *twins):
+        # Two tabs of one session are one entry; the two guest-0042 are two, told apart by a tag.
+        await expect(online(page)).to_have_count(3)
+        await expect(page.get_by_role("heading", name="Online in #general (3)")).to_be_visible()
+        await expect(online(page).filter(has_text=alice_name)).to_have_count(1)
+        same = online(page).filter(has_text="guest-0042")
+        await expect(same).to_have_count(2)
+        tags = await same.locator(".member-tag").all_text_contents()
+        assert len(tags) == 2 and len(set(tags)) == 2 and all(re.fullmatch(r"#[\w-]{4}", t) for t in tags), tags
+        await expect(online(page).filter(has_text=alice_name).locator(".member-tag")).to_have_count(0)
+    await expect(online(twins[0]).filter(has_text="you")).to_have_count(1)
+    await screenshot(twins[0], "online-twins-desktop")
+
+    # A leave: one twin closes; everyone else's list loses exactly that entry, and the tag goes.
+    gone_tag = await online(twins[1]).filter(has_text="you").locator(".member-tag").text_content()
+    await twins[1].close()
+    for page in (alice, alice_tab, twins[0]):
+        await expect(online(page)).to_have_count(2)
+        await expect(page.get_by_role("heading", name="Online in #general (2)")).to_be_visible()
+        await expect(online(page).filter(has_text="guest-0042")).to_have_count(1)
+        await expect(online(page).locator(".member-tag")).to_have_count(0)
+        assert gone_tag not in (await online(page).evaluate_all("items => items.map(i => i.title)")).__str__()
+    # Closing one of alice's two tabs changes nothing: her session is still there.
+    await alice_tab.close()
+    await asyncio.sleep(0.3)
+    await expect(online(twins[0])).to_have_count(2)
+    await expect(online(twins[0]).filter(has_text=alice_name)).to_have_count(1)
+
+
+async def test_a_big_room_shows_its_count_and_the_first_200_members(start_chatd, open_page):
+    import aiohttp
+
+    from test_presence import connect_many
+
+    url = await start_chatd()
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
+    ) as http:
+        crowd = await connect_many(http, url, 250)
+        try:
+            page = await online_now(await open_page(url, "in a crowd"))
+            await expect(page.get_by_role("heading", name="Online in #general (251)")).to_be_visible()
+            await expect(online(page)).to_have_count(201)  # 200 members, then "and 51 more"
+            await expect(online(page).last).to_have_text("and 51 more")
+            await screenshot(page, "online-crowd-desktop")
+            # 60 leave at once: one or two changes, and the list is whole again.
+            await asyncio.gather(*(member.close() for member in crowd[:60]))
+            await expect(page.get_by_role("heading", name="Online in #general (191)")).to_be_visible()
+            await expect(online(page)).to_have_count(191)
+            await expect(online(page).filter(has_text=re.compile("more$"))).to_have_count(0)
+        finally:
+            await asyncio.gather(*(member.close() for member in crowd), return_exceptions=True)

@@ -200,7 +200,7 @@ class Fuzzing:
         self.visitor: Visitor = await self.make_visitor()
         self.client: SocketClient = await self.visitor.socket()
         welcome = await self.client.next("welcome")
-        self.me = {"name": welcome["name"], "account": None}
+        self.me = {"id": welcome["id"], "name": welcome["name"], "account": None}
         self.joined = {"general"}
         self.sends = 0
 
@@ -241,8 +241,8 @@ class Fuzzing:
             assert set(ack) == {"ok", "room", "history", "online"} and ack["room"] == room, ack
             assert [m["id"] for m in ack["history"]] == self.room_ids.get(room, [])[-50:]
             assert self.me in ack["online"]
-            names = [m["name"] for m in ack["online"]]
-            assert names == sorted(names, key=str.casefold) and len(set(names)) == len(names), ack
+            keys = [(m["name"].casefold(), m["id"]) for m in ack["online"]]
+            assert keys == sorted(keys) and len({m["id"] for m in ack["online"]}) == len(keys), ack
             self.joined.add(room)
         elif event == "leave":
             assert ack == {"ok": True}

@@ -1,30 +1,93 @@
-"""Who is online in each room: one member per session, however many sockets it has.
+"""Who is online in each room: a snapshot once, then batched changes.
 
-`Presence` is the interface; `memory.MemoryPresence` keeps it in this process. A
-Redis version will share it across processes. It is kept apart from
-python-socketio's own room tables on purpose: those only know local sockets.
+One entry per session (SPEC's Member, `{"id","name","account"}`), present in a
+room while at least one of its sockets is there. `Presence` is the interface;
+`memory.MemoryPresence` keeps it in this process, and a Redis version will
+share it across processes by swapping the store only. The parts:
+
+- the store records each socket's joins and leaves and says when a session's
+  membership changed (`_add`, `_remove`);
+- `batching.ChangeBatcher` gathers those changes per room for a short window
+  and then settles them (`_settle`: the net change since the last published
+  state, which becomes the new published state) and publishes them through the
+  callback realtime.py gives, which emits one `presence` event to the room;
+- `snapshot` reads the published state of a room, already JSON-encoded (cached
+  until the next change is published), plus the caller itself.
+
+Why the snapshot is the *published* state and not the latest one: every socket
+of the room holds exactly that state (it received the same events), so the
+joiner's snapshot plus the events it receives afterwards (it enters the
+Socket.IO room before reading the snapshot) is the truth, and the encoding is
+made once per published change rather than once per handshake. The caller's
+own entry is spliced in, so a welcome always lists the socket's own session.
 """
 
 from __future__ import annotations
 
 import abc
+from typing import Awaitable, Callable
 
-from ..sessions import Identity
+from .batching import ChangeBatcher
+
+Member = dict  # {"id": str, "name": str, "account": str | None}
+# publish(room, joins, leaves): one `presence` event to every socket of the room.
+Publish = Callable[[str, list[Member], list[Member]], Awaitable[None]]
 
 
-def sort_members(members: list[dict]) -> list[dict]:
-    return sorted(members, key=lambda m: (m["name"].casefold(), m["name"]))
+def sort_key(member: Member) -> tuple[str, str]:
+    """SPEC's order of `online` lists: name without regard to case, then id."""
+    return member["name"].casefold(), member["id"]
 
 
 class Presence(abc.ABC):
-    @abc.abstractmethod
-    async def join(self, room: str, socket_id: str, user: Identity) -> bool:
-        """Add a socket; True when the room's member list changed."""
+    def __init__(self, publish: Publish) -> None:
+        self._publish = publish
+        self._batcher = ChangeBatcher(self._flush, self._window)
+
+    async def join(self, room: str, socket_id: str, member: Member) -> None:
+        """A socket entered a room; its session's arrival is published within the room's window."""
+        if await self._add(room, socket_id, member):
+            self._batcher.touch(room, member)
+
+    async def leave(self, room: str, socket_id: str, member: Member) -> None:
+        """A socket left a room; its session goes when its last socket there does."""
+        if await self._remove(room, socket_id, member):
+            self._batcher.touch(room, member)
 
     @abc.abstractmethod
-    async def leave(self, room: str, socket_id: str, user: Identity) -> bool:
-        """Remove a socket; True when the room's member list changed."""
+    async def snapshot(self, room: str, member: Member) -> str:
+        """The room's `online` list as JSON text: its last published state, plus `member`
+        (the caller), sorted as SPEC says."""
+
+    async def close(self) -> None:
+        """Stop publishing (shutdown): pending changes are dropped with the sockets."""
+        await self._batcher.close()
+
+    # -- the store ----------------------------------------------------------
 
     @abc.abstractmethod
-    async def members(self, room: str) -> list[dict]:
-        """Members of a room (SPEC's Member), sorted by name without regard to case."""
+    async def _add(self, room: str, socket_id: str, member: Member) -> bool:
+        """Record a socket in a room; True when its session was not there before."""
+
+    @abc.abstractmethod
+    async def _remove(self, room: str, socket_id: str, member: Member) -> bool:
+        """Forget a socket in a room; True when that was its session's last socket there."""
+
+    @abc.abstractmethod
+    async def _settle(self, room: str, touched: dict[str, Member]) -> tuple[list[Member], list[Member]]:
+        """Compare the touched sessions' current presence with the published state; make
+        the current state the published one; the (joins, leaves) between the two."""
+
+    @abc.abstractmethod
+    def _size(self, room: str) -> int:
+        """About how many sessions are in the room (sets the batching window)."""
+
+    # -- batching -----------------------------------------------------------
+
+    def _window(self, room: str) -> float:
+        return ChangeBatcher.window_for(self._size(room))
+
+    async def _flush(self, room: str, touched: dict[str, Member]) -> None:
+        joins, leaves = await self._settle(room, touched)
+        if joins or leaves:
+            await self._publish(room, joins, leaves)

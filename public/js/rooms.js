@@ -1,6 +1,8 @@
 // The page's model of its rooms: messages kept sorted by id without duplicates,
 // the online list, unread counts and how far back history has been loaded.
 
+import { OnlineList } from "./online.js";
+
 export const HISTORY_PAGE = 50; // what welcome/join carry, and what we ask for when scrolling back
 
 export class Room {
@@ -8,7 +10,7 @@ export class Room {
     this.name = name;
     this.messages = []; // sorted by id
     this.ids = new Set();
-    this.online = [];
+    this.online = new OnlineList();
     this.unread = 0;
     this.hasOlder = true; // false once the start of the room's history is loaded
   }

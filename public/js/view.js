@@ -88,19 +88,32 @@ export function renderRooms(rooms, onSelect) {
   document.title = `${unread ? `(${unread}) ` : ""}${rooms.current ? `#${rooms.current} · ` : ""}chatd`;
 }
 
+// A room of thousands shows its first few hundred members and how many more there are:
+// drawing every one would cost more than it tells.
+export const ONLINE_SHOWN = 200;
+
 export function renderOnline(room, me) {
-  const members = room?.online ?? [];
-  el.onlineHeading.textContent = room ? `Online in #${room.name} (${members.length})` : "Online";
-  el.onlineList.replaceChildren(
-    ...members.map((member) => {
-      const item = make("li", "member");
-      item.append(make("span", `avatar c${colour(member.name)}`, member.name.charAt(0).toUpperCase()));
-      item.append(make("span", "member-name", member.name));
-      if (me && member.name === me.name && member.account === me.account) item.append(make("span", "tag", "you"));
-      else if (member.account) item.append(make("span", "tag is-account", "account"));
-      return item;
-    }),
-  );
+  const online = room?.online;
+  const count = online?.size ?? 0;
+  el.onlineHeading.textContent = room ? `Online in #${room.name} (${count})` : "Online";
+  const items = (online?.first(ONLINE_SHOWN) ?? []).map((member) => memberItem(member, online, me));
+  if (count > ONLINE_SHOWN) items.push(make("li", "member more", `and ${count - ONLINE_SHOWN} more`));
+  el.onlineList.replaceChildren(...items);
+}
+
+/** Same-named members (guest names repeat) get a short tag from their id; every entry has it as a tooltip. */
+function memberItem(member, online, me) {
+  const item = make("li", "member");
+  item.dataset.id = member.id;
+  const tag = `#${member.id.slice(0, 4)}`;
+  item.title = `${member.name} ${tag}`;
+  item.append(make("span", `avatar c${colour(member.name)}`, member.name.charAt(0).toUpperCase()));
+  item.append(make("span", "member-name", member.name));
+  if (online.nameIsShared(member.name)) item.append(make("span", "member-tag", tag));
+  if (me?.id ? member.id === me.id : member.name === me?.name && member.account === me?.account) {
+    item.append(make("span", "tag", "you"));
+  } else if (member.account) item.append(make("span", "tag is-account", "account"));
+  return item;
 }
 
 // -- messages -----------------------------------------------------------------

@@ -1,0 +1,302 @@
+"""Presence as a snapshot then changes (issue 10), over real sockets to a real chatd.
+
+The big room is filled with cheap raw Engine.IO clients (one aiohttp websocket
+each, no Socket.IO client), so that a thousand of them fit in one test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+
+import aiohttp
+import pytest
+from cryptography.fernet import Fernet
+
+from chatd.sessions import COOKIE_NAME
+from conftest import Visitor, apply_presence, by_name, connect_socket
+
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+# -- a cheap raw client ----------------------------------------------------------------
+
+
+class RawMember:
+    """One guest socket spoken by hand: its welcome, and (when `keep`) every presence frame."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, welcome: dict, keep: bool) -> None:
+        self.ws, self.welcome, self.keep = ws, welcome, keep
+        self.id = welcome["id"]
+        self.base = welcome["online"]  # what `view` applies the kept events to
+        self.frames: list[str] = []  # raw `presence` frames, when kept
+        self.heard = 0  # presence frames received
+        self.heard_changed = asyncio.Event()
+        self.reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def connect(cls, http: aiohttp.ClientSession, base_url: str, keep: bool = False) -> RawMember:
+        async with http.get(base_url + "/api/session") as response:
+            cookie = response.cookies[COOKIE_NAME].value
+        ws = await http.ws_connect(
+            base_url + "/socket.io/?EIO=4&transport=websocket", headers={"Cookie": f"{COOKIE_NAME}={cookie}"}
+        )
+        assert (await ws.receive_str()).startswith("0{")
+        await ws.send_str("40")
+        welcome = None
+        while not (frame := await ws.receive_str()).startswith("40"):
+            if frame.startswith('42["welcome"'):
+                welcome = json.loads(frame[2:])[1]
+        assert welcome is not None
+        return cls(ws, welcome, keep)
+
+    async def _read(self) -> None:
+        async for frame in self.ws:
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                break
+            if frame.data == "2":
+                await self.ws.send_str("3")
+            elif frame.data.startswith('42["presence"'):
+                self.heard += 1
+                if self.keep:
+                    self.frames.append(frame.data)
+                self.heard_changed.set()
+
+    def events(self) -> list[dict]:
+        return [json.loads(frame[2:])[1] for frame in self.frames]
+
+    def view(self) -> dict[str, dict]:
+        """The welcome's snapshot with every presence event applied, as SPEC says."""
+        online = {m["id"]: m for m in self.base}
+        for event in self.events():
+            apply_presence(online, event)
+        return online
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self.reader.cancel()
+
+
+async def connect_many(http, base_url: str, count: int, concurrency: int = 50) -> list[RawMember]:
+    members: list[RawMember] = []
+    for start in range(0, count, concurrency):
+        batch = min(concurrency, count - start)
+        members += await asyncio.gather(*(RawMember.connect(http, base_url) for _ in range(batch)))
+    return members
+
+
+async def converges(observer: RawMember, truth: dict[str, dict], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (view := observer.view()) != truth:
+        if time.monotonic() > deadline:
+            missing, extra = truth.keys() - view.keys(), view.keys() - truth.keys()
+            raise AssertionError(f"view differs from the truth: {len(missing)} missing, {len(extra)} extra")
+        await asyncio.sleep(0.05)
+
+
+def truth_of(*groups) -> dict[str, dict]:
+    return {m.id: {"id": m.id, "name": m.welcome["name"], "account": None} for group in groups for m in group}
+
+
+@pytest.fixture
+async def raw_http():
+    # No cookie jar: every GET gives a new guest session, read from its Set-Cookie.
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
+    ) as http:
+        yield http
+
+
+# -- a room of a thousand ----------------------------------------------------------------
+
+
+async def test_a_room_of_1000_hears_each_change_as_a_small_frame_and_converges_after_bursts(base_url, raw_http):
+    observer = await RawMember.connect(raw_http, base_url, keep=True)
+    crowd = await connect_many(raw_http, base_url, 1000)
+    try:
+        await converges(observer, truth_of([observer], crowd))
+        await asyncio.sleep(1.0)  # the last batch is out
+        heard_before = {m.id: m.heard for m in crowd}
+        observer.base = list(observer.view().values())
+        observer.frames.clear()
+
+        # One change: a frame of the same small size as in an empty room, heard by every socket within 1 s.
+        started = time.monotonic()
+        newcomer = await RawMember.connect(raw_http, base_url)
+        while not all(m.heard > heard_before[m.id] for m in crowd):
+            assert time.monotonic() - started < 1.0, "not every socket heard the change within 1 s"
+            await asyncio.sleep(0.01)
+        assert len(observer.frames) == 1
+        frame = observer.frames[0]
+        assert len(frame.encode()) < 1024, len(frame)
+        assert json.loads(frame[2:]) == ["presence", {"room": "general", "joins": [truth_of([newcomer])[newcomer.id]], "leaves": []}]
+        crowd.append(newcomer)
+
+        # Bursts: 200 join at once, 300 leave at once, then 500 drop their connections at once.
+        crowd += await connect_many(raw_http, base_url, 200, concurrency=200)
+        await converges(observer, truth_of([observer], crowd))
+        leaving, crowd = crowd[:300], crowd[300:]
+        await asyncio.gather(*(m.close() for m in leaving))
+        await converges(observer, truth_of([observer], crowd))
+        dropped, crowd = crowd[:500], crowd[500:]
+        for member in dropped:
+            member.reader.cancel()
+            member.ws._response.connection.transport.abort()  # no close frame: the connection just goes
+        await converges(observer, truth_of([observer], crowd), timeout=5.0)
+        # Those 500 leaves took few events, not one list per leave.
+        assert len(observer.frames) < 30, len(observer.frames)
+
+        # Applying every event twice changes nothing (idempotent), and so does a leave nobody holds.
+        twice = {m["id"]: m for m in observer.base}
+        for event in observer.events():
+            apply_presence(twice, event)
+            apply_presence(twice, event)
+        apply_presence(twice, {"joins": [], "leaves": [{"id": "nobody", "name": "x", "account": None}]})
+        assert twice == truth_of([observer], crowd)
+    finally:
+        await asyncio.gather(*(m.close() for m in [observer, *crowd]), return_exceptions=True)
+
+
+# -- the rules, with Socket.IO clients ---------------------------------------------------------
+
+
+async def test_a_session_stays_while_one_of_its_tabs_is_open(visitors):
+    observer_visitor, alice = await visitors(), await visitors()
+    observer = await observer_visitor.socket()
+    await observer.next("welcome")
+    tab1, tab2 = await alice.socket(), await alice.socket(transport="polling")
+    await tab1.next("welcome")
+    await tab2.next("welcome")
+    assert tab1.id == tab2.id and ID_RE.fullmatch(tab1.id)
+    await observer.sees("general", [observer.me, tab1.me])
+    await tab1.close()
+    await asyncio.sleep(0.3)  # several windows of a small room
+    assert observer.members() == by_name([observer.me, tab2.me])  # still one entry: tab 2 is open
+    await tab2.close()
+    await observer.sees("general", [observer.me], timeout=1.0)
+
+
+async def test_the_joiner_snapshot_includes_itself_and_its_own_join_changes_nothing(visitors):
+    first, second = await (await visitors()).socket(), await (await visitors()).socket()
+    welcome = await second.next("welcome")
+    assert second.me in welcome["online"]
+    await second.sees("general", [first.me, second.me])
+    events = second.drain("presence")
+    assert events and all(set(e) == {"room", "joins", "leaves"} for e in events)
+    assert second.members() == by_name([first.me, second.me])  # its own join, applied again, is one entry
+
+
+async def test_a_session_that_comes_and_goes_within_the_window_may_appear_in_neither_list(visitors, base_url):
+    observer = await (await visitors()).socket()
+    await observer.next("welcome")
+    await asyncio.sleep(0.2)
+    observer.drain("presence")
+    passer = await (await visitors()).socket()
+    await passer.next("welcome")
+    await passer.close()
+    await asyncio.sleep(0.3)
+    # Whatever arrived (nothing, or a join then a leave), the list is right again.
+    assert observer.members() == [observer.me]
+
+
+# -- member ids -----------------------------------------------------------------------------
+
+
+def cookie_without_member_id(secret_key: str, sid: str, name: str = "guest-0001") -> str:
+    """A cookie as chatd issued them before member ids existed."""
+    session = {"sid": sid, "name": name, "account": None, "exp": int(time.time()) + 3600}
+    return Fernet(secret_key).encrypt(json.dumps({"created": int(time.time()), "session": session}).encode()).decode()
+
+
+async def test_member_ids_are_per_session_url_safe_and_not_the_sid(visitors, secret_key):
+    alice, bob = await visitors(), await visitors()
+    a1, a2, b = await alice.socket(), await alice.socket(), await bob.socket()
+    for socket in (a1, a2, b):
+        await socket.next("welcome")
+    assert a1.id == a2.id != b.id
+    sid = json.loads(Fernet(secret_key).decrypt(alice.cookie.encode()))["session"]["sid"]
+    assert ID_RE.fullmatch(a1.id) and a1.id != sid and a1.id not in sid and sid not in a1.id
+
+
+async def test_cookies_from_before_member_ids_get_a_keyed_hash_the_same_on_every_process(start_chatd, secret_key):
+    sid = secrets.token_urlsafe(24)
+    cookie = cookie_without_member_id(secret_key, sid)
+    one, two = await start_chatd(), await start_chatd()  # two processes' worth of apps, one key
+    ids = []
+    for url in (one, two, one):
+        socket = await connect_socket(url, cookie=cookie)
+        try:
+            welcome = await socket.next("welcome")
+        finally:
+            await socket.close()
+        ids.append(welcome["id"])
+        assert welcome["online"] == [{"id": welcome["id"], "name": "guest-0001", "account": None}]
+    assert ids[0] == ids[1] == ids[2] and ID_RE.fullmatch(ids[0]) and ids[0] != sid and ids[0] not in sid
+    # Another session (another sid) gets another id; another key gives another id for the same sid.
+    other = await connect_socket(one, cookie=cookie_without_member_id(secret_key, secrets.token_urlsafe(24)))
+    try:
+        assert (await other.next("welcome"))["id"] != ids[0]
+    finally:
+        await other.close()
+    other_key = Fernet.generate_key().decode()
+    elsewhere = await start_chatd(secret_keys=(other_key,))
+    socket = await connect_socket(elsewhere, cookie=cookie_without_member_id(other_key, sid))
+    try:
+        assert (await socket.next("welcome"))["id"] != ids[0]
+    finally:
+        await socket.close()
+
+
+# -- the manager's room index (chatd/socketrooms.py) -------------------------------------------
+
+# python-socketio's `basic_disconnect` as chatd/socketrooms.py copied it (5.18). A change here
+# means the copy must be checked again (and the pin in setup.cfg moved).
+BASIC_DISCONNECT_SHA256 = "2933b50bc4b2ea7b4367a84e05c2e22c52fed98b00afc3b88d06d61ab9fb9aa1"
+
+
+def test_the_copied_manager_internals_have_not_moved():
+    import hashlib
+    import inspect
+
+    from socketio.base_manager import BaseManager
+
+    source = inspect.getsource(BaseManager.basic_disconnect)
+    assert hashlib.sha256(source.encode()).hexdigest() == BASIC_DISCONNECT_SHA256, source
+
+
+async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(aiohttp_server, make_config):
+    from chatd.web import REALTIME, create_app
+
+    app = create_app(make_config())
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/")).rstrip("/")
+    manager = app[REALTIME].sio.manager
+    visitors_, sockets = [], []
+    try:
+        for _ in range(6):
+            visitor = Visitor(url)
+            visitors_.append(visitor)
+            socket = await visitor.socket()
+            await socket.next("welcome")
+            assert (await socket.call("join", {"room": "side"}))["ok"] is True
+            sockets.append(socket)
+        full_scan = {
+            sid: sorted(r for r, members in manager.rooms["/"].items() if r is not None and sid in members)
+            for sid in manager.rooms["/"][None]
+        }
+        assert all(sorted(manager.get_rooms(sid, "/")) == rooms for sid, rooms in full_scan.items())
+        assert all(len(rooms) == 4 for rooms in full_scan.values())  # its own, its session's, general, side
+        for socket in sockets[:4]:
+            await socket.close()
+        await asyncio.sleep(0.2)
+        left = set(manager.rooms["/"][None])
+        assert len(left) == 2
+        for room, members in manager.rooms["/"].items():
+            assert set(members) <= left, room
+        assert {sid for _, sid in manager._rooms_of} == left
+    finally:
+        for visitor in visitors_:
+            await visitor.close()
