@@ -27,6 +27,7 @@ import socketio
 from aiohttp import web
 from socketio import packet
 
+from .broadcast import EngineServer, FastBroadcastManager
 from .limits import ChatRateLimiter
 from .presence import Presence
 from .sessions import Identity, read_session
@@ -105,6 +106,9 @@ class ChatServer(socketio.AsyncServer):
         super().__init__(**kwargs)
         self.events: dict[str, Handler] = {}
 
+    def _engineio_server_class(self):
+        return EngineServer  # direct websocket writes, see broadcast.py
+
     async def _handle_eio_message(self, eio_sid, data):
         """Decode one Socket.IO packet and dispatch it; a packet that cannot be read is dropped.
 
@@ -167,6 +171,7 @@ class Realtime:
         presence: Presence,
         rate_limiter: ChatRateLimiter,
         origin_allowed: Callable[[str | None, web.Request], bool],
+        websocket_compression: bool = False,
     ) -> None:
         self.storage = storage
         self.presence = presence
@@ -180,6 +185,8 @@ class Realtime:
             cors_allowed_origins=lambda origin, environ: origin_allowed(origin, environ["aiohttp.request"]),
             cors_credentials=True,
             async_handlers=False,
+            client_manager=FastBroadcastManager(),
+            websocket_compression=websocket_compression,  # permessage-deflate only when asked for
         )
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)

@@ -296,6 +296,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         presence=MemoryPresence(),
         rate_limiter=MemoryChatRateLimiter(config.chat_burst, config.chat_rate),
         origin_allowed=origin_allowed,
+        websocket_compression=config.websocket_compression,
     )
 
     app.router.add_get("/", index)

@@ -1,0 +1,208 @@
+"""Fast delivery: one encoded frame written to every websocket of a room, no task per recipient.
+
+python-socketio delivers a room emit by creating one asyncio task per
+recipient, each of which puts the packet on that socket's Engine.IO queue,
+whose writer task then encodes it and frames it for aiohttp: per recipient,
+two task steps, a queue round trip, a string concatenation and a frame header.
+Profiled under a closed-loop broadcast, that machinery (not the socket write
+itself) was most of the server's time. Here a room emit encodes the packet
+once, builds the websocket frame once, and writes those bytes straight to
+each recipient's transport.
+
+Three pieces, each small:
+
+- `DirectWebSocket`, engine.io's aiohttp websocket wrapper with two changes:
+  permessage-deflate only when asked for (`--websocket-compression`; socket.io
+  on Node has it off too, and compressing every frame for every recipient is
+  most of the cost of a broadcast for browser clients, which all offer it),
+  and uncompressed frames written synchronously, so that engine.io's writer
+  task never holds a packet across an await.
+- `EngineServer`, engine.io's AsyncServer writing every Socket.IO packet for
+  a "direct" socket straight to its transport. A socket is direct when it
+  opened on the websocket transport (no polling-to-websocket upgrade, whose
+  queued packets must go first), the connection is not compressed, and it is
+  not closing. For a direct socket every Socket.IO packet takes this path, so
+  their order is the order of the calls; engine.io's queue then only carries
+  its own OPEN, PING and CLOSE packets. Anything else goes through the queue
+  exactly as before. Its per-socket ping task is a timer instead (see below).
+- `FastBroadcastMixin`, the client manager's local delivery (python-socketio's
+  `AsyncManager.emit`), sharing one frame among all direct recipients.
+
+Several processes: python-socketio's pub/sub managers deliver locally by
+calling `super().emit(...)` from `AsyncPubSubManager`. Put the mixin between
+`AsyncPubSubManager` and `AsyncManager` in the MRO and Redis fan-out keeps the
+fast local delivery:
+
+    class FastRedisManager(socketio.AsyncRedisManager, FastBroadcastMixin):
+        pass
+    # MRO: FastRedisManager, AsyncRedisManager, AsyncPubSubManager,
+    #      FastBroadcastMixin, AsyncManager, BaseManager, object
+
+(tests/test_internals.py checks that order.)
+
+This module reaches into python-engineio's and python-socketio's internals
+(named in tests/test_internals.py); setup.cfg pins their minor versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+import engineio
+import socketio
+from aiohttp.web import WebSocketResponse
+from engineio import packet as eio_packet
+from engineio.async_drivers.aiohttp import WebSocket as EngineWebSocket
+from engineio.async_socket import AsyncSocket
+from socketio import packet as sio_packet
+
+_TEXT_FRAME = 0x81  # FIN + text opcode; server frames are never masked
+
+
+def websocket_frame(text: str) -> bytes:
+    """One complete, uncompressed websocket text frame (RFC 6455 section 5.2)."""
+    payload = text.encode("utf-8")
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", _TEXT_FRAME, n) + payload
+    if n < 65536:
+        return struct.pack("!BBH", _TEXT_FRAME, 126, n) + payload
+    return struct.pack("!BBQ", _TEXT_FRAME, 127, n) + payload
+
+
+class DirectWebSocket(EngineWebSocket):
+    """engine.io's aiohttp websocket wrapper, uncompressed unless asked, written without awaiting."""
+
+    compression = False  # set per server by `EngineServer`
+
+    def __init__(self, handler, server) -> None:
+        super().__init__(handler, server)
+        self.transport: asyncio.Transport | None = None
+        self.raw = False  # frames go straight to the transport
+        self.direct = False  # Socket.IO packets skip engine.io's queue (see EngineServer)
+
+    async def __call__(self, environ):
+        request = environ["aiohttp.request"]
+        self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=self.compression)
+        await self._sock.prepare(request)
+        self.transport = request.transport
+        self.raw = not self._sock.compress
+        # The handler is the engine.io socket's bound `_websocket_handler`. A socket
+        # that is already connected is upgrading from polling: its queue may hold
+        # Socket.IO packets that must go first, so it never goes direct.
+        socket: AsyncSocket = self.handler.__self__
+        self.direct = self.raw and not socket.connected
+        socket.websocket = self
+        self.environ = environ
+        try:
+            await self.handler(self)
+        finally:
+            socket.websocket = None
+            self.direct = False
+        return self._sock
+
+    def writable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing() and not self._sock.closed
+
+    def write(self, frame: bytes) -> None:
+        if not self.writable():
+            raise ConnectionResetError("the websocket is closed")
+        self.transport.write(frame)
+
+    async def send(self, message) -> None:
+        if self.raw and isinstance(message, str):
+            self.write(websocket_frame(message))
+        else:
+            await super().send(message)
+
+
+def direct_websocket(socket: AsyncSocket | None) -> DirectWebSocket | None:
+    """The socket's websocket when Socket.IO packets may be written to it directly."""
+    if socket is None or socket.closing or socket.closed:
+        return None
+    ws = getattr(socket, "websocket", None)
+    if ws is None or not ws.direct or not ws.writable():
+        return None
+    return ws
+
+
+class EngineServer(engineio.AsyncServer):
+    """engine.io's server with direct writes for Socket.IO packets and a timer per socket for pings."""
+
+    def __init__(self, *args, websocket_compression: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        websocket = type("DirectWebSocket", (DirectWebSocket,), {"compression": websocket_compression})
+        self._async = {**self._async, "websocket": websocket}
+
+    async def send_packet(self, sid, pkt) -> None:
+        ws = direct_websocket(self.sockets.get(sid))
+        if ws is None:
+            return await super().send_packet(sid, pkt)
+        try:
+            ws.write(websocket_frame(pkt.encode()))
+        except ConnectionResetError:
+            pass  # the reader notices the closed connection and closes the socket
+
+    def start_background_task(self, target, *args, **kwargs):
+        # engine.io keeps one task per socket asleep for the ping interval, even
+        # after the socket closed (AsyncSocket.schedule_ping). A timer does the
+        # same wait for a fraction of the memory, and sends the PING the same way.
+        if getattr(target, "__func__", None) is AsyncSocket._send_ping:
+            return asyncio.get_running_loop().call_later(self.ping_interval, _ping, target.__self__)
+        return super().start_background_task(target, *args, **kwargs)
+
+
+def _ping(socket: AsyncSocket) -> None:
+    """What `AsyncSocket._send_ping` does after its sleep, without a task."""
+    if not socket.closing and not socket.closed:
+        socket.last_ping = time.time()
+        socket.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
+
+
+class FastBroadcastMixin(socketio.AsyncManager):
+    """`AsyncManager.emit`'s local delivery, encoding once and writing one shared frame."""
+
+    async def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs):
+        room = to or room
+        eio = getattr(self.server, "eio", None)
+        if callback is not None or namespace not in self.rooms or not isinstance(eio, EngineServer):
+            return await super().emit(
+                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs
+            )
+        if isinstance(data, tuple):
+            data = list(data)
+        elif data is not None:
+            data = [data]
+        else:
+            data = []
+        encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event] + data).encode()
+        if isinstance(encoded, list):  # binary attachments: rare, leave them to python-socketio
+            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
+        skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
+        pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+        frame = None
+        queued = []
+        for sid, eio_sid in self.get_participants(namespace, room):
+            if sid in skip:
+                continue
+            socket = eio.sockets.get(eio_sid)
+            ws = direct_websocket(socket)
+            if ws is None:
+                queued.append(eio_sid)
+                continue
+            if frame is None:
+                frame = websocket_frame(pkt.encode())
+            try:
+                ws.write(frame)
+            except ConnectionResetError:
+                pass  # gone; its reader closes it
+        # The rest (polling, upgraded or compressed connections) the way engine.io
+        # sends: in call order, through each socket's queue, without a task each.
+        for eio_sid in queued:
+            await eio.send_packet(eio_sid, pkt)
+
+
+class FastBroadcastManager(FastBroadcastMixin):
+    """The client manager for one process."""
