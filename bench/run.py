@@ -63,13 +63,17 @@ SCENARIOS = [
 # (label, scenario, value from a result, how it is shown, True when higher is better)
 ROWS = [
     ("handshakes/s, GET + websocket, 3,000 staying connected", "connect-fresh", "handshakes_per_s", True),
+    ("  server CPU ms per handshake", "connect-fresh", "server_cpu_ms_each", False),
     ("handshakes/s, one reused cookie, 3,000 staying", "connect-shared", "handshakes_per_s", True),
+    ("  server CPU ms per handshake", "connect-shared", "server_cpu_ms_each", False),
     ("refusals/s, no cookie", "refuse-none", "refusals_per_s", True),
     ("refusals/s, tampered cookie", "refuse-tampered", "refusals_per_s", True),
+    ("  server CPU ms per refusal", "refuse-tampered", "server_cpu_ms_each", False),
     ("deliveries/s, 100 sockets, closed loop", "fanout-100", "deliveries_per_s", True),
     ("  p50 / p99 ms", "fanout-100", "p99_ms", False),
     ("deliveries/s, 1,000 sockets, closed loop", "fanout-1000", "deliveries_per_s", True),
     ("  p50 / p99 ms", "fanout-1000", "p99_ms", False),
+    ("  server CPU, % of one core", "fanout-1000", "server_cpu_percent", False),
     ("deliveries/s, 100 sockets, client offers permessage-deflate", "fanout-100-deflate", "deliveries_per_s", True),
     ("deliveries/s, 1,000 sockets, client offers permessage-deflate", "fanout-1000-deflate", "deliveries_per_s", True),
     ("p50 / p99 ms, 1,000 sockets at 15 msg/s", "rate-1000", "p99_ms", False),
@@ -171,7 +175,7 @@ def shown(value: float | None, name: str) -> str:
         return "did not finish"
     if name == "bytes_per_socket" or value >= 100:
         return f"{value:,.0f}"
-    return f"{value:.1f}"
+    return f"{value:.2f}" if name == "server_cpu_ms_each" else f"{value:.1f}"
 
 
 def cell(results: Results, kind: str, key: str, name: str, scenario: Scenario) -> str:

@@ -47,33 +47,50 @@ This module reaches into python-engineio's and python-socketio's internals
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import time
 
 import engineio
 import socketio
+from aiohttp import WSMsgType
 from aiohttp.web import WebSocketResponse
+from engineio import exceptions
 from engineio import packet as eio_packet
 from engineio.async_drivers.aiohttp import WebSocket as EngineWebSocket
 from engineio.async_socket import AsyncSocket
 from socketio import packet as sio_packet
 
-_TEXT_FRAME = 0x81  # FIN + text opcode; server frames are never masked
+log = logging.getLogger("chatd.broadcast")
+
+_FIN = 0x80
+_TEXT, _BINARY = 0x1, 0x2  # websocket opcodes; server frames are never masked
 
 
-def websocket_frame(text: str) -> bytes:
-    """One complete, uncompressed websocket text frame (RFC 6455 section 5.2)."""
-    payload = text.encode("utf-8")
+def websocket_frame(data: str | bytes) -> bytes:
+    """One complete, uncompressed websocket frame (RFC 6455 section 5.2): text for str, binary for bytes."""
+    if isinstance(data, str):
+        first, payload = _FIN | _TEXT, data.encode("utf-8")
+    else:
+        first, payload = _FIN | _BINARY, bytes(data)
     n = len(payload)
     if n < 126:
-        return struct.pack("!BB", _TEXT_FRAME, n) + payload
+        return struct.pack("!BB", first, n) + payload
     if n < 65536:
-        return struct.pack("!BBH", _TEXT_FRAME, 126, n) + payload
-    return struct.pack("!BBQ", _TEXT_FRAME, 127, n) + payload
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
 
 
 class DirectWebSocket(EngineWebSocket):
-    """engine.io's aiohttp websocket wrapper, uncompressed unless asked, written without awaiting."""
+    """engine.io's aiohttp websocket wrapper: uncompressed unless asked, written without awaiting.
+
+    A connection that opened on the websocket transport and is not compressed
+    is "direct": its engine.io socket becomes a `DirectSocket`, which writes
+    every packet straight to the transport and reads in the request's own task.
+    A connection upgrading from polling keeps engine.io's queue and writer task
+    (packets queued while polling must go first); uncompressed, its frames are
+    still written without awaiting.
+    """
 
     compression = False  # set per server by `EngineServer`
 
@@ -81,7 +98,7 @@ class DirectWebSocket(EngineWebSocket):
         super().__init__(handler, server)
         self.transport: asyncio.Transport | None = None
         self.raw = False  # frames go straight to the transport
-        self.direct = False  # Socket.IO packets skip engine.io's queue (see EngineServer)
+        self.direct = False  # the socket is a DirectSocket writing through us
 
     async def __call__(self, environ):
         request = environ["aiohttp.request"]
@@ -89,18 +106,21 @@ class DirectWebSocket(EngineWebSocket):
         await self._sock.prepare(request)
         self.transport = request.transport
         self.raw = not self._sock.compress
-        # The handler is the engine.io socket's bound `_websocket_handler`. A socket
-        # that is already connected is upgrading from polling: its queue may hold
-        # Socket.IO packets that must go first, so it never goes direct.
-        socket: AsyncSocket = self.handler.__self__
-        self.direct = self.raw and not socket.connected
-        socket.websocket = self
         self.environ = environ
-        try:
+        # The handler is the engine.io socket's bound `_websocket_handler`. A socket
+        # that is already connected is upgrading from polling.
+        socket: AsyncSocket = self.handler.__self__
+        if self.raw and not socket.connected and type(socket) is AsyncSocket:
+            socket.__class__ = DirectSocket  # same object, same state; see DirectSocket
+            socket.websocket = self
+            self.direct = True
+            try:
+                await socket._websocket_handler(self)
+            finally:
+                self.direct = False
+                socket.websocket = None
+        else:
             await self.handler(self)
-        finally:
-            socket.websocket = None
-            self.direct = False
         return self._sock
 
     def writable(self) -> bool:
@@ -112,14 +132,75 @@ class DirectWebSocket(EngineWebSocket):
         self.transport.write(frame)
 
     async def send(self, message) -> None:
-        if self.raw and isinstance(message, str):
+        if self.raw:
             self.write(websocket_frame(message))
         else:
             await super().send(message)
 
 
+class DirectSocket(AsyncSocket):
+    """An engine.io socket on a direct websocket: no queue, no writer task, no task per received frame.
+
+    engine.io's own socket keeps, for every websocket, a writer task waiting on
+    a queue, a task per received frame (`ensure_future` + `wait_for`) and a ping
+    task. Here packets are written as they are sent (their order is the order of
+    the calls) and frames are read in the request's task with aiohttp's own
+    timeout. Everything else (ping/pong, close, packet handling) is engine.io's.
+    """
+
+    websocket: DirectWebSocket | None = None
+
+    def send_now(self, pkt) -> None:
+        ws = self.websocket
+        if ws is not None:
+            try:
+                ws.write(websocket_frame(pkt.encode()))
+            except ConnectionResetError:
+                pass  # the reader notices the closed connection and closes the socket
+            if pkt.packet_type == eio_packet.CLOSE:
+                # Close the transport too: some clients wait for the server to do it.
+                asyncio.ensure_future(ws.close())
+
+    async def send(self, pkt) -> None:
+        if self.websocket is None:
+            return await super().send(pkt)
+        if await self.check_ping_timeout():
+            self.send_now(pkt)
+
+    async def _websocket_handler(self, ws) -> None:
+        if not ws.direct:  # pragma: no cover - DirectWebSocket only sends direct connections here
+            return await super()._websocket_handler(ws)
+        self.connected = True
+        self.upgraded = True
+        while not self.queue.empty():  # what engine.io queued before the websocket existed: its OPEN
+            pkt = self.queue.get_nowait()
+            self.queue.task_done()
+            if pkt is not None:
+                self.send_now(pkt)
+        timeout = self.server.ping_interval + self.server.ping_timeout
+        aiohttp_ws = ws._sock
+        while True:
+            try:
+                msg = await aiohttp_ws.receive(timeout=timeout)
+            except Exception:  # asyncio.TimeoutError: the client is gone
+                break
+            if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
+                break  # closed, closing or broken (aiohttp enforces max_msg_size)
+            try:
+                pkt = eio_packet.Packet(encoded_packet=msg.data)
+                await self.receive(pkt)
+            except exceptions.UnknownPacketError:
+                pass
+            except exceptions.SocketIsClosedError:
+                break
+            except Exception:
+                log.debug("could not handle a frame", exc_info=True)
+        await ws.close()
+        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+
+
 def direct_websocket(socket: AsyncSocket | None) -> DirectWebSocket | None:
-    """The socket's websocket when Socket.IO packets may be written to it directly."""
+    """The socket's websocket when packets may be written to it directly."""
     if socket is None or socket.closing or socket.closed:
         return None
     ws = getattr(socket, "websocket", None)
@@ -129,21 +210,12 @@ def direct_websocket(socket: AsyncSocket | None) -> DirectWebSocket | None:
 
 
 class EngineServer(engineio.AsyncServer):
-    """engine.io's server with direct writes for Socket.IO packets and a timer per socket for pings."""
+    """engine.io's server with direct websockets and a timer instead of a ping task per socket."""
 
     def __init__(self, *args, websocket_compression: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         websocket = type("DirectWebSocket", (DirectWebSocket,), {"compression": websocket_compression})
         self._async = {**self._async, "websocket": websocket}
-
-    async def send_packet(self, sid, pkt) -> None:
-        ws = direct_websocket(self.sockets.get(sid))
-        if ws is None:
-            return await super().send_packet(sid, pkt)
-        try:
-            ws.write(websocket_frame(pkt.encode()))
-        except ConnectionResetError:
-            pass  # the reader notices the closed connection and closes the socket
 
     def start_background_task(self, target, *args, **kwargs):
         # engine.io keeps one task per socket asleep for the ping interval, even
@@ -158,7 +230,11 @@ def _ping(socket: AsyncSocket) -> None:
     """What `AsyncSocket._send_ping` does after its sleep, without a task."""
     if not socket.closing and not socket.closed:
         socket.last_ping = time.time()
-        socket.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
+        pkt = eio_packet.Packet(eio_packet.PING)
+        if isinstance(socket, DirectSocket) and socket.websocket is not None:
+            socket.send_now(pkt)
+        else:
+            socket.queue.put_nowait(pkt)
 
 
 class FastBroadcastMixin(socketio.AsyncManager):

@@ -207,13 +207,19 @@ const scenarios = {
   // A websocket with no cookie or a tampered one: CONNECT_ERROR `unauthorized`, then close.
   async refuse() {
     const cookie = opts.refuse === "none" ? null : tamper(await getCookie());
-    let done = 0, stop = false;
+    let done = 0, stop = false, failure = null;
     async function worker() {
       while (!stop) {
         const c = new Client(cookie);
-        const result = await c.open();
-        c.close();
-        if (result !== "refused") throw new Error("not refused: " + result);
+        try {
+          const result = await c.open();
+          if (result !== "refused") throw new Error("not refused: " + result);
+        } catch (e) {
+          failure = failure || e;
+          stop = true;
+        } finally {
+          c.close();
+        }
         if (!stop) done++;
       }
     }
@@ -226,6 +232,7 @@ const scenarios = {
       const n = done, elapsed = (now() - t0) / 1000, cpu = serverCpuSeconds() - cpu0;
       stop = true;
       await Promise.all(workers);
+      if (failure) throw failure;
       return { refusals_per_s: n / elapsed, server_cpu_ms_each: (1000 * cpu) / n };
     };
     return withDeadline(run(), opts.timeout + opts.seconds + opts.warmup, "refuse");
@@ -348,6 +355,11 @@ const scenarios = {
     return { stored_per_s: acked / elapsed };
   },
 };
+
+process.on("unhandledRejection", (e) => {
+  process.stdout.write(JSON.stringify({ error: String((e && e.message) || e) }) + "\n");
+  process.exit(0);
+});
 
 async function main() {
   const scenario = scenarios[opts.scenario];
