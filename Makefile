@@ -5,13 +5,22 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client/dist/socket.io.min.js
 
-.PHONY: run test install system-deps clean
+.PHONY: run test bench install system-deps clean
 
 run: install
 	$(PY) -m chatd
 
 test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# chatd side by side with the Node stack (bench/run.py; docs/performance.md).
+BENCH_ARGS ?=
+bench: install bench/loadgen/node_modules/.installed bench/node-peer/node_modules/.installed
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench/%/node_modules/.installed: bench/%/package.json bench/%/package-lock.json
+	cd bench/$* && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 install: $(VENV)/.installed $(VENDOR)/socket.io.min.js
 
@@ -49,4 +58,4 @@ system-deps:
 	fi
 
 clean:
-	rm -rf $(VENV) node_modules $(VENDOR) *.egg-info .pytest_cache test-artifacts
+	rm -rf $(VENV) node_modules bench/*/node_modules $(VENDOR) *.egg-info .pytest_cache test-artifacts

@@ -9,27 +9,29 @@ itself) was most of the server's time. Here a room emit encodes the packet
 once, builds the websocket frame once, and writes those bytes straight to
 each recipient's transport.
 
-Three pieces, each small:
+The pieces:
 
-- `DirectWebSocket`, engine.io's aiohttp websocket wrapper with two changes:
-  permessage-deflate only when asked for (`--websocket-compression`; socket.io
-  on Node has it off too, and compressing every frame for every recipient is
-  most of the cost of a broadcast for browser clients, which all offer it),
-  and uncompressed frames written synchronously, so that engine.io's writer
-  task never holds a packet across an await.
-- `EngineServer`, engine.io's AsyncServer writing every Socket.IO packet for
-  a "direct" socket straight to its transport. A socket is direct when it
-  opened on the websocket transport (no polling-to-websocket upgrade, whose
-  queued packets must go first), the connection is not compressed, and it is
-  not closing. For a direct socket every Socket.IO packet takes this path, so
-  their order is the order of the calls; engine.io's queue then only carries
-  its own OPEN, PING and CLOSE packets. Anything else goes through the queue
-  exactly as before. Its per-socket ping task is a timer instead (see below).
+- `DirectWebSocket`, engine.io's aiohttp websocket wrapper: permessage-deflate
+  only when asked for (`--websocket-compression`; socket.io on Node has it off
+  too, and compressing every frame for every recipient was most of the cost of
+  a broadcast to browsers, which all offer it), and uncompressed frames written
+  without awaiting.
+- `DirectSocket`, the engine.io socket of a connection that opened on the
+  websocket transport uncompressed: every packet is written to the transport
+  as it is sent (so packets go out in the order of the calls) and frames are
+  read in the request's own task. engine.io's socket keeps a writer task and a
+  queue per websocket and a task per received frame; this keeps none.
+  Connections upgrading from polling keep engine.io's queue (what was queued
+  while polling must go first).
+- `EngineServer`, engine.io's server using those two, with a timer instead of
+  the task per socket that sleeps until the next ping (and outlives the socket).
 - `FastBroadcastMixin`, the client manager's local delivery (python-socketio's
-  `AsyncManager.emit`), sharing one frame among all direct recipients.
+  `AsyncManager.emit`): one encoded frame for all direct recipients, queued
+  sends, without a task each, for the others.
 
 Several processes: python-socketio's pub/sub managers deliver locally by
-calling `super().emit(...)` from `AsyncPubSubManager`. Put the mixin between
+calling `super().emit(...)` from `AsyncPubSubManager`
+(socketio.async_pubsub_manager). Put the mixin between
 `AsyncPubSubManager` and `AsyncManager` in the MRO and Redis fan-out keeps the
 fast local delivery:
 
