@@ -71,11 +71,14 @@ ROWS = [
     ("  server CPU ms per refusal", "refuse-tampered", "server_cpu_ms_each", False),
     ("deliveries/s, 100 sockets, closed loop", "fanout-100", "deliveries_per_s", True),
     ("  p50 / p99 ms", "fanout-100", "p99_ms", False),
+    ("  deliveries per second of server CPU", "fanout-100", "deliveries_per_cpu_s", True),
     ("deliveries/s, 1,000 sockets, closed loop", "fanout-1000", "deliveries_per_s", True),
     ("  p50 / p99 ms", "fanout-1000", "p99_ms", False),
-    ("  server CPU, % of one core", "fanout-1000", "server_cpu_percent", False),
+    ("  deliveries per second of server CPU", "fanout-1000", "deliveries_per_cpu_s", True),
     ("deliveries/s, 100 sockets, client offers permessage-deflate", "fanout-100-deflate", "deliveries_per_s", True),
+    ("  deliveries per second of server CPU", "fanout-100-deflate", "deliveries_per_cpu_s", True),
     ("deliveries/s, 1,000 sockets, client offers permessage-deflate", "fanout-1000-deflate", "deliveries_per_s", True),
+    ("  deliveries per second of server CPU", "fanout-1000-deflate", "deliveries_per_cpu_s", True),
     ("p50 / p99 ms, 1,000 sockets at 15 msg/s", "rate-1000", "p99_ms", False),
     ("  server CPU, % of one core", "rate-1000", "server_cpu_percent", False),
     ("bytes per idle socket, 1,000 sockets", "memory-1000", "bytes_per_socket", False),
@@ -149,6 +152,13 @@ def run_once(kind: str, scenario: Scenario, quick: bool) -> dict:
             result = {"error": f"load generator failed: {exc}"}
     finally:
         server.stop()
+    return derived(result)
+
+
+def derived(result: dict) -> dict:
+    if result.get("deliveries_per_s") and result.get("server_cpu_percent"):
+        # What a whole core would deliver: steadier than the rate on a busy machine.
+        result["deliveries_per_cpu_s"] = result["deliveries_per_s"] / (result["server_cpu_percent"] / 100)
     return result
 
 
@@ -214,9 +224,17 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated scenario keys: " + ", ".join(s.key for s in SCENARIOS))
     parser.add_argument("--quick", action="store_true", help="shorter measuring windows (for trying things out)")
     parser.add_argument("--json", help="also write every run's raw result to this file")
+    parser.add_argument("--from-json", help="print the table of an earlier run's --json file instead of running")
     args = parser.parse_args()
     scenarios = [s for s in SCENARIOS if not args.only or s.key in args.only.split(",")]
     results = Results()
+    if args.from_json:
+        for name, runs in json.loads(Path(args.from_json).read_text()).items():
+            kind, key = name.split("/", 1)
+            for result in runs:
+                results.add(kind, key, derived(result))
+        print(table(results, [s for s in scenarios if any(k == s.key for _, k in results.runs)]))
+        return 0
     started = time.monotonic()
     for repeat in range(args.repeat):
         for scenario in scenarios:

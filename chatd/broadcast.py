@@ -104,15 +104,21 @@ class DirectWebSocket(EngineWebSocket):
 
     async def __call__(self, environ):
         request = environ["aiohttp.request"]
-        self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=self.compression)
-        await self._sock.prepare(request)
-        self.transport = request.transport
-        self.raw = not self._sock.compress
-        self.environ = environ
         # The handler is the engine.io socket's bound `_websocket_handler`. A socket
         # that is already connected is upgrading from polling.
         socket: AsyncSocket = self.handler.__self__
-        if self.raw and not socket.connected and type(socket) is AsyncSocket:
+        websocket_first = not socket.connected and type(socket) is AsyncSocket
+        self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=self.compression)
+        if websocket_first:
+            # Hold the 101 response's headers back, to leave in one write with engine.io's OPEN.
+            self._sock._send_headers_immediately = False
+        self.http_writer = await self._sock.prepare(request)
+        self.transport = request.transport
+        self.raw = not self._sock.compress
+        self.environ = environ
+        if websocket_first and not self.raw:
+            self.http_writer.send_headers()
+        if websocket_first and self.raw:
             socket.__class__ = DirectSocket  # same object, same state; see DirectSocket
             socket.websocket = self
             self.direct = True
@@ -174,11 +180,18 @@ class DirectSocket(AsyncSocket):
             return await super()._websocket_handler(ws)
         self.connected = True
         self.upgraded = True
-        while not self.queue.empty():  # what engine.io queued before the websocket existed: its OPEN
+        # What engine.io queued before the websocket existed (its OPEN), in one write
+        # with the 101 response's headers.
+        first = []
+        while not self.queue.empty():
             pkt = self.queue.get_nowait()
             self.queue.task_done()
             if pkt is not None:
-                self.send_now(pkt)
+                first.append(websocket_frame(pkt.encode()))
+        if first:
+            await ws.http_writer.write(b"".join(first))
+        else:  # pragma: no cover - engine.io always queues its OPEN first
+            ws.http_writer.send_headers()
         timeout = self.server.ping_interval + self.server.ping_timeout
         aiohttp_ws = ws._sock
         while True:

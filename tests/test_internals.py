@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 
+import aiohttp.http_writer
 import aiohttp.web
 import engineio
 import socketio
@@ -83,5 +84,10 @@ def test_pubsub_managers_deliver_locally_through_the_mixin():
 def test_aiohttp_websocket_api_we_use():
     ws = aiohttp.web.WebSocketResponse(compress=False)
     assert ws.compress is False and ws.closed is False
+    # Headers held back until the first write, which carries them (DirectWebSocket).
+    assert ws._send_headers_immediately is True
+    assert "if self._send_headers_immediately:" in source(aiohttp.web.StreamResponse._write_headers)
+    assert "self._send_headers_with_payload(chunk, False)" in source(aiohttp.http_writer.StreamWriter.write)
+    assert "def send_headers(self)" in source(aiohttp.http_writer.StreamWriter)
     assert "timeout" in inspect.signature(aiohttp.web.WebSocketResponse.receive).parameters
     assert isinstance(aiohttp.web.Request.transport, property)
