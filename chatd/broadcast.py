@@ -52,6 +52,7 @@ import asyncio
 import logging
 import struct
 import time
+from typing import Awaitable, Callable
 
 import engineio
 import socketio
@@ -252,6 +253,54 @@ class EngineServer(engineio.AsyncServer):
         super().__init__(*args, **kwargs)
         websocket = type("DirectWebSocket", (DirectWebSocket,), {"compression": websocket_compression})
         self._async = {**self._async, "websocket": websocket}
+        # Set by the Socket.IO side: the Socket.IO CONNECT_ERROR packet (encoded) that a
+        # handshake will get, known from its request alone, or None to connect as usual.
+        self.early_refusal: Callable[[dict], Awaitable[str | None]] | None = None
+
+    async def _handle_connect(self, environ, transport, jsonp_index=None):
+        # A websocket handshake that will be refused (no valid session) is answered
+        # here, without an Engine.IO socket, a Socket.IO session or a task: that
+        # machinery was most of what a refusal cost. Origin, transport and protocol
+        # version have been checked already (handle_request).
+        if transport == "websocket" and self.early_refusal is not None:
+            refusal = await self.early_refusal(environ)
+            if refusal is not None:
+                return await self._refuse_websocket(environ, refusal)
+        return await super()._handle_connect(environ, transport, jsonp_index)
+
+    async def _refuse_websocket(self, environ, refusal: str) -> WebSocketResponse:
+        """Open the websocket as engine.io does, answer the client's CONNECT with `refusal`, wait for it to go."""
+        ws = WebSocketResponse(max_msg_size=self.max_http_buffer_size, compress=False)
+        ws._send_headers_immediately = False  # the headers leave with the OPEN packet
+        http_writer = await ws.prepare(environ["aiohttp.request"])
+        opening = eio_packet.Packet(
+            eio_packet.OPEN,
+            {
+                "sid": self.generate_id(),
+                "upgrades": [],
+                "pingTimeout": int(self.ping_timeout * 1000),
+                "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
+                "maxPayload": self.max_http_buffer_size,
+            },
+        )
+        await http_writer.write(websocket_frame(opening.encode()))
+        timeout = self.ping_interval + self.ping_timeout
+        while True:
+            try:
+                msg = await ws.receive(timeout=timeout)
+            except Exception:  # asyncio.TimeoutError
+                break
+            if msg.type is not WSMsgType.TEXT:
+                break
+            if msg.data == "40" or msg.data.startswith("40{"):  # CONNECT to namespace "/"
+                await ws.send_str("4" + refusal)
+            elif msg.data.startswith("40/"):  # another namespace: chatd has none
+                namespace = msg.data[2:].split(",", 1)[0]
+                await ws.send_str(f'44{namespace},"Unable to connect"')
+            elif msg.data == "1":  # Engine.IO CLOSE
+                break
+        await ws.close()
+        return ws
 
     def start_background_task(self, target, *args, **kwargs):
         # engine.io keeps one task per socket asleep for the ping interval, even

@@ -188,6 +188,7 @@ class Realtime:
             client_manager=FastBroadcastManager(),
             websocket_compression=websocket_compression,  # permessage-deflate only when asked for
         )
+        self.sio.eio.early_refusal = self._early_refusal
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.events.update(
@@ -217,6 +218,14 @@ class Realtime:
         )
         if changed:
             await self._announce(DEFAULT_ROOM)
+
+    async def _early_refusal(self, environ: dict) -> str | None:
+        """The CONNECT_ERROR `on_connect` would give a websocket handshake, found before it starts (broadcast.py)."""
+        session = await read_session(environ["aiohttp.request"])
+        if session.user is not None:
+            return None
+        refused = socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
+        return self.sio.packet_class(packet.CONNECT_ERROR, data=refused.error_args).encode()
 
     async def on_disconnect(self, sid: str, reason=None) -> None:
         state = self.sockets.pop(sid, None)
