@@ -189,6 +189,7 @@ class Realtime:
             websocket_compression=websocket_compression,  # permessage-deflate only when asked for
         )
         self.sio.eio.early_refusal = self._early_refusal
+        self._refusals: dict[str | None, str] = {}
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.events.update(
@@ -224,8 +225,13 @@ class Realtime:
         session = await read_session(environ["aiohttp.request"])
         if session.user is not None:
             return None
-        refused = socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
-        return self.sio.packet_class(packet.CONNECT_ERROR, data=refused.error_args).encode()
+        encoded = self._refusals.get(session.rejected)
+        if encoded is None:  # one per reason, made once
+            refused = socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
+            encoded = self._refusals[session.rejected] = self.sio.packet_class(
+                packet.CONNECT_ERROR, data=refused.error_args
+            ).encode()
+        return encoded
 
     async def on_disconnect(self, sid: str, reason=None) -> None:
         state = self.sockets.pop(sid, None)
