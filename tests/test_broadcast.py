@@ -122,3 +122,23 @@ async def test_pings_keep_an_answering_client_and_close_a_silent_one(quick_pings
         assert "2" in frames
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
         await answering.close()
+
+
+async def test_a_refused_websocket_gets_open_then_connect_error_and_leaves_nothing_behind(aiohttp_server, make_config):
+    app = create_app(make_config())
+    server = await aiohttp_server(app)
+    base_url = str(server.make_url("/")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        cookie = await guest_cookie(http, base_url)
+        tampered = cookie[:-8] + ("A" if cookie[-8] != "A" else "B") + cookie[-7:]
+        for sent, reason in ((None, "no_session"), (tampered, "invalid_session")):
+            headers = {"Cookie": f"{COOKIE_NAME}={sent}"} if sent else {}
+            async with http.ws_connect(base_url + "/socket.io/?EIO=4&transport=websocket", headers=headers) as ws:
+                assert (await ws.receive_str()).startswith('0{"sid":')
+                await ws.send_str("40/elsewhere,")
+                assert await ws.receive_str() == '44/elsewhere,"Unable to connect"'
+                await ws.send_str("40")
+                assert await ws.receive_str() == (
+                    '44{"message":"unauthorized","data":{"reason":"%s"}}' % reason
+                )
+        assert app[REALTIME].sio.eio.sockets == {}
