@@ -35,7 +35,7 @@ NODE_PEER = BENCH / "node-peer" / "server.js"
 CHATD_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 SERVER_CORE, LOADGEN_CORE = "0", "1"
-PHASE_TIMEOUT = 60  # seconds a connect phase may take before the run "did not finish"
+PHASE_TIMEOUT = 45  # seconds a connect phase may take before the run "did not finish"
 
 
 @dataclass
@@ -48,16 +48,16 @@ class Scenario:
 SCENARIOS = [
     Scenario("connect-fresh", ["connect", "--sockets", "3000", "--cookies", "fresh"]),
     Scenario("connect-shared", ["connect", "--sockets", "3000", "--cookies", "shared"]),
-    Scenario("refuse-none", ["refuse", "--refuse", "none", "--seconds", "5"]),
-    Scenario("refuse-tampered", ["refuse", "--refuse", "tampered", "--seconds", "5"]),
-    Scenario("fanout-100", ["fanout", "--sockets", "100", "--senders", "10"]),
-    Scenario("fanout-1000", ["fanout", "--sockets", "1000", "--senders", "10"]),
-    Scenario("fanout-100-deflate", ["fanout", "--sockets", "100", "--senders", "10", "--deflate"]),
-    Scenario("fanout-1000-deflate", ["fanout", "--sockets", "1000", "--senders", "10", "--deflate"]),
-    Scenario("rate-1000", ["rate", "--sockets", "1000", "--rate", "15", "--senders", "15", "--seconds", "8"]),
-    Scenario("memory-1000", ["memory", "--sockets", "1000"]),
-    Scenario("memory-2000", ["memory", "--sockets", "2000"]),
-    Scenario("durable", ["durable", "--sockets", "20", "--seconds", "5"], servers=("chatd",)),
+    Scenario("refuse-none", ["refuse", "--refuse", "none", "--seconds", "4"]),
+    Scenario("refuse-tampered", ["refuse", "--refuse", "tampered", "--seconds", "4"]),
+    Scenario("fanout-100", ["fanout", "--sockets", "100", "--senders", "10", "--seconds", "4"]),
+    Scenario("fanout-1000", ["fanout", "--sockets", "1000", "--senders", "10", "--seconds", "4"]),
+    Scenario("fanout-100-deflate", ["fanout", "--sockets", "100", "--senders", "10", "--seconds", "4", "--deflate"]),
+    Scenario("fanout-1000-deflate", ["fanout", "--sockets", "1000", "--senders", "10", "--seconds", "4", "--deflate"]),
+    Scenario("rate-1000", ["rate", "--sockets", "1000", "--rate", "15", "--senders", "15", "--seconds", "6"]),
+    Scenario("memory-1000", ["memory", "--sockets", "1000", "--settle", "2"]),
+    Scenario("memory-2000", ["memory", "--sockets", "2000", "--settle", "2"]),
+    Scenario("durable", ["durable", "--sockets", "20", "--seconds", "4"], servers=("chatd",)),
 ]
 
 # (label, scenario, value from a result, how it is shown, True when higher is better)

@@ -15,7 +15,7 @@ The pieces:
   only when asked for (`--websocket-compression`; socket.io on Node has it off
   too, and compressing every frame for every recipient was most of the cost of
   a broadcast to browsers, which all offer it), and uncompressed frames written
-  without awaiting.
+  without awaiting, those of one event-loop turn in one socket write.
 - `DirectSocket`, the engine.io socket of a connection that opened on the
   websocket transport uncompressed: every packet is written to the transport
   as it is sent (so packets go out in the order of the calls) and frames are
@@ -24,7 +24,8 @@ The pieces:
   Connections upgrading from polling keep engine.io's queue (what was queued
   while polling must go first).
 - `EngineServer`, engine.io's server using those two, with a timer instead of
-  the task per socket that sleeps until the next ping (and outlives the socket).
+  the task per socket that sleeps until the next ping (and outlives the socket),
+  and a short path for websocket handshakes that will be refused.
 - `FastBroadcastMixin`, the client manager's local delivery (python-socketio's
   `AsyncManager.emit`): one encoded frame for all direct recipients, queued
   sends, without a task each, for the others.
