@@ -67,6 +67,7 @@ ROWS = [
     ("handshakes/s, one reused cookie, 3,000 staying", "connect-shared", "handshakes_per_s", True),
     ("  server CPU ms per handshake", "connect-shared", "server_cpu_ms_each", False),
     ("refusals/s, no cookie", "refuse-none", "refusals_per_s", True),
+    ("  server CPU ms per refusal", "refuse-none", "server_cpu_ms_each", False),
     ("refusals/s, tampered cookie", "refuse-tampered", "refusals_per_s", True),
     ("  server CPU ms per refusal", "refuse-tampered", "server_cpu_ms_each", False),
     ("deliveries/s, 100 sockets, closed loop", "fanout-100", "deliveries_per_s", True),
@@ -137,13 +138,15 @@ class Server:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def run_once(kind: str, scenario: Scenario, quick: bool) -> dict:
+def run_once(kind: str, scenario: Scenario, quick: bool, shared_cookie: bool = False) -> dict:
     server = Server(kind)
     try:
         argv = ["node", str(LOADGEN), *scenario.loadgen, "--url", f"http://127.0.0.1:{server.port}",
                 "--pid", str(server.process.pid), "--timeout", str(PHASE_TIMEOUT)]
         if quick:
             argv += ["--seconds", "2", "--warmup", "0.5"]
+        if shared_cookie:
+            argv += ["--cookies", "shared"]
         try:
             out = subprocess.run(pinned(LOADGEN_CORE, argv), capture_output=True, text=True,
                                  timeout=PHASE_TIMEOUT + 60).stdout
@@ -224,8 +227,15 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated scenario keys: " + ", ".join(s.key for s in SCENARIOS))
     parser.add_argument("--quick", action="store_true", help="shorter measuring windows (for trying things out)")
     parser.add_argument("--json", help="also write every run's raw result to this file")
+    parser.add_argument(
+        "--shared-cookie",
+        action="store_true",
+        help="every socket of a scenario with one session (one GET /), to tell the cost of sessions apart",
+    )
     parser.add_argument("--from-json", help="print the table of an earlier run's --json file instead of running")
     args = parser.parse_args()
+    # Stopped from outside: leave through the `finally`s, which stop the servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     scenarios = [s for s in SCENARIOS if not args.only or s.key in args.only.split(",")]
     results = Results()
     if args.from_json:
@@ -240,7 +250,7 @@ def main() -> int:
         for scenario in scenarios:
             kinds = scenario.servers if repeat % 2 == 0 else tuple(reversed(scenario.servers))
             for kind in kinds:
-                result = run_once(kind, scenario, args.quick)
+                result = run_once(kind, scenario, args.quick, args.shared_cookie)
                 results.add(kind, scenario.key, result)
                 print(f"[{time.monotonic() - started:5.0f} s] {repeat + 1}/{args.repeat} {scenario.key:<22} {kind:<5} "
                       f"{json.dumps(result)}", file=sys.stderr, flush=True)

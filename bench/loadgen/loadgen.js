@@ -243,7 +243,7 @@ const scenarios = {
   async fanout() {
     const clients = await withDeadline(connectMany(opts.sockets, opts.concurrency, opts.cookies), opts.timeout, "connect");
     const n = clients.length;
-    const window = opts.window || Math.max(4, Math.ceil(4000 / n));
+    const window = opts.window || Math.max(8, Math.ceil(8000 / n)); // enough to keep either server busy
     const senders = clients.slice(0, Math.max(1, opts.senders));
     const pending = new Map(); // seq -> deliveries still expected
     let seq = 0, measuring = false, stop = false;
