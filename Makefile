@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client
 
-.PHONY: run test install vendor dist system-deps cluster clean
+.PHONY: run test bench install vendor dist system-deps cluster clean
 
 run: install
 	$(PY) -m chatd
@@ -23,6 +23,15 @@ test: install system-deps
 # Two chatd processes, a throwaway Redis and nginx on loopback; Ctrl-C stops them all.
 cluster: install
 	$(PY) scripts/cluster.py
+
+# chatd side by side with the Node stack (bench/run.py; docs/performance.md).
+BENCH_ARGS ?=
+bench: install bench/loadgen/node_modules/.installed bench/node-peer/node_modules/.installed
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench/%/node_modules/.installed: bench/%/package.json bench/%/package-lock.json
+	cd bench/$* && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 install: $(VENV)/.installed
 
@@ -71,4 +80,4 @@ system-deps:
 	fi
 
 clean:
-	rm -rf $(VENV) node_modules dist build *.egg-info .pytest_cache test-artifacts
+	rm -rf $(VENV) node_modules bench/*/node_modules dist build *.egg-info .pytest_cache test-artifacts

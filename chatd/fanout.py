@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from socketio import AsyncRedisManager
 
+from .broadcast import FastBroadcastMixin
 from .socketrooms import RoomIndex
 
 log = logging.getLogger("chatd.fanout")
@@ -45,12 +46,15 @@ def redis_address(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
-# TODO(broadcast): once chatd/broadcast.py lands, slot its fast local-delivery mixin
-# for AsyncManager.emit in between (class RedisClientManager(AsyncRedisManager,
+# The MRO puts chatd's fast local delivery (broadcast.FastBroadcastMixin) between
+# AsyncPubSubManager and AsyncManager: AsyncPubSubManager delivers on this process
+# through `super().emit`, so the mixin serves both our own emits and those received
+# from Redis; RoomIndex keeps disconnect storms cheap (socketrooms.py).
+class RedisClientManager(AsyncRedisManager,
 # <that mixin>) or the mixin placed before AsyncManager in the MRO): AsyncPubSubManager
 # delivers on this process through `super().emit`, so the mixin then serves both
 # our own emits and those received from Redis.
-class RedisClientManager(RoomIndex, AsyncRedisManager):
+class RedisClientManager(RoomIndex, AsyncRedisManager, FastBroadcastMixin):
     """python-socketio's Redis manager with chatd's control messages and an explicit start and stop."""
 
     def __init__(self, url: str, *, channel: str = CHANNEL) -> None:

@@ -28,16 +28,20 @@ import socketio
 from aiohttp import web
 from socketio import packet
 
+from .broadcast import EngineServer, FastBroadcastManager
 from .fanout import RedisClientManager
 from .limits import ChatRateLimiter
 from .metrics import Metrics
 from .presence import Member, Presence, Publish
 from .sessions import Identity, read_session
-from .socketrooms import IndexedAsyncManager
+from .socketrooms import indexed
 from .storage import Storage
 from .validation import DEFAULT_ROOM, EventError, parse_history, parse_room, parse_send_chat
 
 log = logging.getLogger("chatd.realtime")
+
+# One process: fast local delivery (one frame for a whole room), each socket's rooms indexed.
+LocalManager = indexed(FastBroadcastManager)
 
 MAX_FRAME_BYTES = 64 * 1024
 MAX_ROOMS_PER_SOCKET = 20
@@ -136,6 +140,9 @@ class ChatServer(socketio.AsyncServer):
         self.events: dict[str, Handler] = {}
         self.metrics = metrics
 
+    def _engineio_server_class(self):
+        return EngineServer  # direct websocket writes, see broadcast.py
+
     async def _handle_eio_message(self, eio_sid, data):
         """Decode one Socket.IO packet and dispatch it; a packet that cannot be read is dropped.
 
@@ -202,6 +209,7 @@ class Realtime:
         origin_allowed: Callable[[str | None, web.Request], bool],
         metrics: Metrics | None = None,
         client_manager: socketio.AsyncManager | None = None,
+        websocket_compression: bool = False,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.storage = storage
@@ -211,7 +219,7 @@ class Realtime:
         self.sio = ChatServer(
             async_mode="aiohttp",
             # Either way each socket's rooms are indexed: disconnect storms cost each socket's rooms, not all rooms.
-            client_manager=client_manager or IndexedAsyncManager(),
+            client_manager=client_manager or LocalManager(),
             json=OrjsonForSocketIO,
             max_http_buffer_size=MAX_FRAME_BYTES,
             # A callable, never []: an empty list would switch engine.io's origin check off.
@@ -219,7 +227,10 @@ class Realtime:
             cors_credentials=True,
             async_handlers=False,
             metrics=self.metrics,
+            websocket_compression=websocket_compression,  # permessage-deflate only when asked for
         )
+        self.sio.eio.early_refusal = self._early_refusal
+        self._refusals: dict[str | None, str] = {}
         # With several processes, a session ending is a control message every process acts on.
         self.cluster = client_manager if isinstance(client_manager, RedisClientManager) else None
         if self.cluster is not None:
@@ -256,6 +267,19 @@ class Realtime:
         history, online = await self._enter(sid, state, DEFAULT_ROOM)
         welcome = {"id": user.member_id, **user.public(), "room": DEFAULT_ROOM, "history": history}
         await self._send_welcome(sid, welcome, online)
+
+    async def _early_refusal(self, environ: dict) -> str | None:
+        """The CONNECT_ERROR `on_connect` would give a websocket handshake, found before it starts (broadcast.py)."""
+        session = await read_session(environ["aiohttp.request"])
+        if session.user is not None:
+            return None
+        encoded = self._refusals.get(session.rejected)
+        if encoded is None:  # one per reason, made once
+            refused = socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
+            encoded = self._refusals[session.rejected] = self.sio.packet_class(
+                packet.CONNECT_ERROR, data=refused.error_args
+            ).encode()
+        return encoded
 
     async def on_disconnect(self, sid: str, reason=None) -> None:
         state = self.sockets.pop(sid, None)

@@ -358,6 +358,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         origin_allowed=functools.partial(_socket_origin_allowed, metrics),
         metrics=metrics,
         client_manager=client_manager,
+        websocket_compression=config.websocket_compression,
     )
 
     app.router.add_get("/", index)

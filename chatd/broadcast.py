@@ -1,0 +1,370 @@
+"""Fast delivery: one encoded frame written to every websocket of a room, no task per recipient.
+
+python-socketio delivers a room emit by creating one asyncio task per
+recipient, each of which puts the packet on that socket's Engine.IO queue,
+whose writer task then encodes it and frames it for aiohttp: per recipient,
+two task steps, a queue round trip, a string concatenation and a frame header.
+Profiled under a closed-loop broadcast, that machinery (not the socket write
+itself) was most of the server's time. Here a room emit encodes the packet
+once, builds the websocket frame once, and writes those bytes straight to
+each recipient's transport.
+
+The pieces:
+
+- `DirectWebSocket`, engine.io's aiohttp websocket wrapper: permessage-deflate
+  only when asked for (`--websocket-compression`; socket.io on Node has it off
+  too, and compressing every frame for every recipient was most of the cost of
+  a broadcast to browsers, which all offer it), and uncompressed frames written
+  without awaiting, those of one event-loop turn in one socket write.
+- `DirectSocket`, the engine.io socket of a connection that opened on the
+  websocket transport uncompressed: every packet is written to the transport
+  as it is sent (so packets go out in the order of the calls) and frames are
+  read in the request's own task. engine.io's socket keeps a writer task and a
+  queue per websocket and a task per received frame; this keeps none.
+  Connections upgrading from polling keep engine.io's queue (what was queued
+  while polling must go first).
+- `EngineServer`, engine.io's server using those two, with a timer instead of
+  the task per socket that sleeps until the next ping (and outlives the socket),
+  and a short path for websocket handshakes that will be refused.
+- `FastBroadcastMixin`, the client manager's local delivery (python-socketio's
+  `AsyncManager.emit`): one encoded frame for all direct recipients, queued
+  sends, without a task each, for the others.
+
+Several processes: python-socketio's pub/sub managers deliver locally by
+calling `super().emit(...)` from `AsyncPubSubManager`
+(socketio.async_pubsub_manager). Put the mixin between
+`AsyncPubSubManager` and `AsyncManager` in the MRO and Redis fan-out keeps the
+fast local delivery:
+
+    class FastRedisManager(socketio.AsyncRedisManager, FastBroadcastMixin):
+        pass
+    # MRO: FastRedisManager, AsyncRedisManager, AsyncPubSubManager,
+    #      FastBroadcastMixin, AsyncManager, BaseManager, object
+
+(tests/test_internals.py checks that order.)
+
+This module reaches into python-engineio's and python-socketio's internals
+(named in tests/test_internals.py); setup.cfg pins their minor versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from typing import Awaitable, Callable
+
+import engineio
+import socketio
+from aiohttp import WSMsgType
+from aiohttp.web import WebSocketResponse
+from engineio import exceptions
+from engineio import packet as eio_packet
+from engineio.async_drivers.aiohttp import WebSocket as EngineWebSocket
+from engineio.async_socket import AsyncSocket
+from socketio import packet as sio_packet
+
+log = logging.getLogger("chatd.broadcast")
+
+_FIN = 0x80
+_TEXT, _BINARY = 0x1, 0x2  # websocket opcodes; server frames are never masked
+
+
+def websocket_frame(data: str | bytes) -> bytes:
+    """One complete, uncompressed websocket frame (RFC 6455 section 5.2): text for str, binary for bytes."""
+    if isinstance(data, str):
+        first, payload = _FIN | _TEXT, data.encode("utf-8")
+    else:
+        first, payload = _FIN | _BINARY, bytes(data)
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", first, n) + payload
+    if n < 65536:
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
+
+
+class DirectWebSocket(EngineWebSocket):
+    """engine.io's aiohttp websocket wrapper: uncompressed unless asked, written without awaiting.
+
+    A connection that opened on the websocket transport and is not compressed
+    is "direct": its engine.io socket becomes a `DirectSocket`, which writes
+    every packet straight to the transport and reads in the request's own task.
+    A connection upgrading from polling keeps engine.io's queue and writer task
+    (packets queued while polling must go first); uncompressed, its frames are
+    still written without awaiting.
+    """
+
+    compression = False  # set per server by `EngineServer`
+
+    def __init__(self, handler, server) -> None:
+        super().__init__(handler, server)
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] | None = None  # frames written this event-loop turn
+        self.raw = False  # frames go straight to the transport
+        self.direct = False  # the socket is a DirectSocket writing through us
+
+    async def __call__(self, environ):
+        request = environ["aiohttp.request"]
+        # The handler is the engine.io socket's bound `_websocket_handler`. A socket
+        # that is already connected is upgrading from polling.
+        socket: AsyncSocket = self.handler.__self__
+        websocket_first = not socket.connected and type(socket) is AsyncSocket
+        self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=self.compression)
+        if websocket_first:
+            # Hold the 101 response's headers back, to leave in one write with engine.io's OPEN.
+            self._sock._send_headers_immediately = False
+        self.http_writer = await self._sock.prepare(request)
+        self.transport = request.transport
+        self.raw = not self._sock.compress
+        self.environ = environ
+        if websocket_first and not self.raw:
+            self.http_writer.send_headers()
+        if websocket_first and self.raw:
+            socket.__class__ = DirectSocket  # same object, same state; see DirectSocket
+            socket.websocket = self
+            self.direct = True
+            try:
+                await socket._websocket_handler(self)
+            finally:
+                self.direct = False
+                socket.websocket = None
+        else:
+            await self.handler(self)
+        return self._sock
+
+    def writable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing() and not self._sock.closed
+
+    def write(self, frame: bytes) -> None:
+        """Queue a frame for the end of this event-loop turn.
+
+        Frames written in one turn (several broadcasts finishing together under
+        load) leave in one socket write: a loopback or network write costs far
+        more than joining bytes. Order is kept; nothing waits longer than the turn.
+        """
+        if not self.writable():
+            raise ConnectionResetError("the websocket is closed")
+        if self._pending is None:
+            self._pending = [frame]
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(frame)
+
+    def flush(self) -> None:
+        frames, self._pending = self._pending, None
+        if frames and self.writable():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    async def close(self) -> None:
+        self.flush()  # what was written goes before the close frame
+        await super().close()
+
+    async def send(self, message) -> None:
+        if self.raw:
+            self.write(websocket_frame(message))
+        else:
+            await super().send(message)
+
+
+class DirectSocket(AsyncSocket):
+    """An engine.io socket on a direct websocket: no queue, no writer task, no task per received frame.
+
+    engine.io's own socket keeps, for every websocket, a writer task waiting on
+    a queue, a task per received frame (`ensure_future` + `wait_for`) and a ping
+    task. Here packets are written as they are sent (their order is the order of
+    the calls) and frames are read in the request's task with aiohttp's own
+    timeout. Everything else (ping/pong, close, packet handling) is engine.io's.
+    """
+
+    websocket: DirectWebSocket | None = None
+
+    def send_now(self, pkt) -> None:
+        ws = self.websocket
+        if ws is not None:
+            try:
+                ws.write(websocket_frame(pkt.encode()))
+            except ConnectionResetError:
+                pass  # the reader notices the closed connection and closes the socket
+            if pkt.packet_type == eio_packet.CLOSE:
+                # Close the transport too: some clients wait for the server to do it.
+                asyncio.ensure_future(ws.close())
+
+    async def send(self, pkt) -> None:
+        if self.websocket is None:
+            return await super().send(pkt)
+        if await self.check_ping_timeout():
+            self.send_now(pkt)
+
+    async def _websocket_handler(self, ws) -> None:
+        if not ws.direct:  # pragma: no cover - DirectWebSocket only sends direct connections here
+            return await super()._websocket_handler(ws)
+        self.connected = True
+        self.upgraded = True
+        # What engine.io queued before the websocket existed (its OPEN), in one write
+        # with the 101 response's headers.
+        first = []
+        while not self.queue.empty():
+            pkt = self.queue.get_nowait()
+            self.queue.task_done()
+            if pkt is not None:
+                first.append(websocket_frame(pkt.encode()))
+        if first:
+            await ws.http_writer.write(b"".join(first))
+        else:  # pragma: no cover - engine.io always queues its OPEN first
+            ws.http_writer.send_headers()
+        timeout = self.server.ping_interval + self.server.ping_timeout
+        aiohttp_ws = ws._sock
+        while True:
+            try:
+                msg = await aiohttp_ws.receive(timeout=timeout)
+            except Exception:  # asyncio.TimeoutError: the client is gone
+                break
+            if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
+                break  # closed, closing or broken (aiohttp enforces max_msg_size)
+            try:
+                pkt = eio_packet.Packet(encoded_packet=msg.data)
+                await self.receive(pkt)
+            except exceptions.UnknownPacketError:
+                pass
+            except exceptions.SocketIsClosedError:
+                break
+            except Exception:
+                log.debug("could not handle a frame", exc_info=True)
+        await ws.close()
+        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+
+
+def direct_websocket(socket: AsyncSocket | None) -> DirectWebSocket | None:
+    """The socket's websocket when packets may be written to it directly."""
+    if socket is None or socket.closing or socket.closed:
+        return None
+    ws = getattr(socket, "websocket", None)
+    if ws is None or not ws.direct or not ws.writable():
+        return None
+    return ws
+
+
+class EngineServer(engineio.AsyncServer):
+    """engine.io's server with direct websockets and a timer instead of a ping task per socket."""
+
+    def __init__(self, *args, websocket_compression: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        websocket = type("DirectWebSocket", (DirectWebSocket,), {"compression": websocket_compression})
+        self._async = {**self._async, "websocket": websocket}
+        # Set by the Socket.IO side: the Socket.IO CONNECT_ERROR packet (encoded) that a
+        # handshake will get, known from its request alone, or None to connect as usual.
+        self.early_refusal: Callable[[dict], Awaitable[str | None]] | None = None
+
+    async def _handle_connect(self, environ, transport, jsonp_index=None):
+        # A websocket handshake that will be refused (no valid session) is answered
+        # here, without an Engine.IO socket, a Socket.IO session or a task: that
+        # machinery was most of what a refusal cost. Origin, transport and protocol
+        # version have been checked already (handle_request).
+        if transport == "websocket" and self.early_refusal is not None:
+            refusal = await self.early_refusal(environ)
+            if refusal is not None:
+                return await self._refuse_websocket(environ, refusal)
+        return await super()._handle_connect(environ, transport, jsonp_index)
+
+    async def _refuse_websocket(self, environ, refusal: str) -> WebSocketResponse:
+        """Open the websocket as engine.io does, answer the client's CONNECT with `refusal`, wait for it to go."""
+        ws = WebSocketResponse(max_msg_size=self.max_http_buffer_size, compress=False)
+        ws._send_headers_immediately = False  # the headers leave with the OPEN packet
+        http_writer = await ws.prepare(environ["aiohttp.request"])
+        opening = eio_packet.Packet(
+            eio_packet.OPEN,
+            {
+                "sid": self.generate_id(),
+                "upgrades": [],
+                "pingTimeout": int(self.ping_timeout * 1000),
+                "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
+                "maxPayload": self.max_http_buffer_size,
+            },
+        )
+        await http_writer.write(websocket_frame(opening.encode()))
+        timeout = self.ping_interval + self.ping_timeout
+        while True:
+            try:
+                msg = await ws.receive(timeout=timeout)
+            except Exception:  # asyncio.TimeoutError
+                break
+            if msg.type is not WSMsgType.TEXT:
+                break
+            if msg.data == "40" or msg.data.startswith("40{"):  # CONNECT to namespace "/"
+                await ws.send_str("4" + refusal)
+            elif msg.data.startswith("40/"):  # another namespace: chatd has none
+                namespace = msg.data[2:].split(",", 1)[0]
+                await ws.send_str(f'44{namespace},"Unable to connect"')
+            elif msg.data == "1":  # Engine.IO CLOSE
+                break
+        await ws.close()
+        return ws
+
+    def start_background_task(self, target, *args, **kwargs):
+        # engine.io keeps one task per socket asleep for the ping interval, even
+        # after the socket closed (AsyncSocket.schedule_ping). A timer does the
+        # same wait for a fraction of the memory, and sends the PING the same way.
+        if getattr(target, "__func__", None) is AsyncSocket._send_ping:
+            return asyncio.get_running_loop().call_later(self.ping_interval, _ping, target.__self__)
+        return super().start_background_task(target, *args, **kwargs)
+
+
+def _ping(socket: AsyncSocket) -> None:
+    """What `AsyncSocket._send_ping` does after its sleep, without a task."""
+    if not socket.closing and not socket.closed:
+        socket.last_ping = time.time()
+        pkt = eio_packet.Packet(eio_packet.PING)
+        if isinstance(socket, DirectSocket) and socket.websocket is not None:
+            socket.send_now(pkt)
+        else:
+            socket.queue.put_nowait(pkt)
+
+
+class FastBroadcastMixin(socketio.AsyncManager):
+    """`AsyncManager.emit`'s local delivery, encoding once and writing one shared frame."""
+
+    async def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs):
+        room = to or room
+        eio = getattr(self.server, "eio", None)
+        if callback is not None or namespace not in self.rooms or not isinstance(eio, EngineServer):
+            return await super().emit(
+                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs
+            )
+        if isinstance(data, tuple):
+            data = list(data)
+        elif data is not None:
+            data = [data]
+        else:
+            data = []
+        encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event] + data).encode()
+        if isinstance(encoded, list):  # binary attachments: rare, leave them to python-socketio
+            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
+        skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
+        pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+        frame = None
+        queued = []
+        for sid, eio_sid in self.get_participants(namespace, room):
+            if sid in skip:
+                continue
+            socket = eio.sockets.get(eio_sid)
+            ws = direct_websocket(socket)
+            if ws is None:
+                queued.append(eio_sid)
+                continue
+            if frame is None:
+                frame = websocket_frame(pkt.encode())
+            try:
+                ws.write(frame)
+            except ConnectionResetError:
+                pass  # gone; its reader closes it
+        # The rest (polling, upgraded or compressed connections) the way engine.io
+        # sends: in call order, through each socket's queue, without a task each.
+        for eio_sid in queued:
+            await eio.send_packet(eio_sid, pkt)
+
+
+class FastBroadcastManager(FastBroadcastMixin):
+    """The client manager for one process."""
