@@ -50,10 +50,6 @@ def redis_address(url: str) -> str:
 # AsyncPubSubManager and AsyncManager: AsyncPubSubManager delivers on this process
 # through `super().emit`, so the mixin serves both our own emits and those received
 # from Redis; RoomIndex keeps disconnect storms cheap (socketrooms.py).
-class RedisClientManager(AsyncRedisManager,
-# <that mixin>) or the mixin placed before AsyncManager in the MRO): AsyncPubSubManager
-# delivers on this process through `super().emit`, so the mixin then serves both
-# our own emits and those received from Redis.
 class RedisClientManager(RoomIndex, AsyncRedisManager, FastBroadcastMixin):
     """python-socketio's Redis manager with chatd's control messages and an explicit start and stop."""
 
