@@ -273,6 +273,7 @@ class Realtime:
         session = await read_session(environ["aiohttp.request"])
         if session.user is not None:
             return None
+        self.metrics.handshake_refused(session.rejected)
         encoded = self._refusals.get(session.rejected)
         if encoded is None:  # one per reason, made once
             refused = socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})

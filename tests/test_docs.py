@@ -58,6 +58,8 @@ def test_every_route_is_in_the_protocol(tmp_path):
 
 
 def test_every_server_event_is_in_the_protocol():
-    events = {e for text in SOURCES.values() for e in re.findall(r'\.emit\(\s*"([a-z_ ]+)"', text)}
+    # Events sent with emit(), and packets written whole (`'2["welcome",' + …`).
+    patterns = [r'\.emit\(\s*"([a-z_ ]+)"', r"'2\[\"([a-z_ ]+)\","]
+    events = {e for text in SOURCES.values() for p in patterns for e in re.findall(p, text)}
     assert {"welcome", "new chat"} <= events
     assert {e for e in events if f"`{e}`" not in PROTOCOL} == set()
