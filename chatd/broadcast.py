@@ -217,24 +217,29 @@ class DirectSocket(AsyncSocket):
             ws.http_writer.send_headers()
         timeout = self.server.ping_interval + self.server.ping_timeout
         aiohttp_ws = ws._sock
-        while True:
-            try:
-                msg = await aiohttp_ws.receive(timeout=timeout)
-            except Exception:  # asyncio.TimeoutError: the client is gone
-                break
-            if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
-                break  # closed, closing or broken (aiohttp enforces max_msg_size)
-            try:
-                pkt = eio_packet.Packet(encoded_packet=msg.data)
-                await self.receive(pkt)
-            except exceptions.UnknownPacketError:
-                pass
-            except exceptions.SocketIsClosedError:
-                break
-            except Exception:
-                log.debug("could not handle a frame", exc_info=True)
-        await ws.close()
-        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+        try:
+            while True:
+                try:
+                    msg = await aiohttp_ws.receive(timeout=timeout)
+                except Exception:  # asyncio.TimeoutError: the client is gone
+                    break
+                if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
+                    break  # closed, closing or broken (aiohttp enforces max_msg_size)
+                try:
+                    pkt = eio_packet.Packet(encoded_packet=msg.data)
+                    await self.receive(pkt)
+                except exceptions.UnknownPacketError:
+                    pass
+                except exceptions.SocketIsClosedError:
+                    break
+                except Exception:
+                    log.debug("could not handle a frame", exc_info=True)
+        finally:
+            # Also when aiohttp cancels this task because the connection went away:
+            # the socket first (its disconnect handlers run now), then the websocket,
+            # whose close can wait for a close frame from a peer that is gone.
+            await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+            await ws.close()
 
 
 def direct_websocket(socket: AsyncSocket | None) -> DirectWebSocket | None:
