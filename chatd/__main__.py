@@ -85,6 +85,11 @@ async def serve(config: Config) -> None:
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=access_log)
     await runner.setup()
+    # Before the "serving on" line: a SIGTERM sent as soon as it appears must stop cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
         site = web.TCPSite(runner, config.host, config.port)
         try:
@@ -100,10 +105,6 @@ async def serve(config: Config) -> None:
         # A broadcast or a handshake allocates thousands of short-lived containers;
         # at the default 700 the collector runs mid-burst, often (bench/run.py).
         gc.set_threshold(*GC_THRESHOLDS)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
     finally:
