@@ -118,6 +118,22 @@ def is_api(request: web.Request) -> bool:
 
 
 @web.middleware
+async def storage_outage(request: web.Request, handler) -> web.StreamResponse:
+    """Storage that cannot answer (a database gone away) is a 503 in SPEC's shape, never a 500.
+
+    Outermost but for the proxy middleware: reading the session cookie already
+    asks storage whether the session was revoked.
+    """
+    try:
+        return await handler(request)
+    except StorageError:
+        log.warning("storage is unreachable; answering 503")
+        return ApiError(
+            503, "unavailable", "chatd cannot reach its storage; try again shortly.", {"Retry-After": "5"}
+        ).response()
+
+
+@web.middleware
 async def api_errors(request: web.Request, handler) -> web.StreamResponse:
     """ApiError becomes SPEC's JSON error; on /api/*, so do aiohttp's own 404/405."""
     try:
@@ -328,6 +344,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         # so that even an error response carries the guest session it issued.
         middlewares=[
             *([TrustedProxies(config.trusted_proxies).middleware] if config.trusted_proxies else []),
+            storage_outage,
             cors,
             aiohttp_session.session_middleware(session_storage),
             ensure_session,

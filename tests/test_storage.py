@@ -397,6 +397,10 @@ async def test_chatd_rides_out_a_database_that_goes_away_and_comes_back(own_pg_s
         await asyncio.to_thread(own_pg_server.stop)
         async with visitor.http.get(base + "/healthz") as response:
             assert response.status == 503
+        # The API too: the cookie's revocation check cannot be made, and that is a 503, not a 500.
+        async with visitor.http.get(base + "/api/session") as response:
+            assert response.status == 503 and (await response.json())["error"] == "unavailable"
+            assert response.headers["Retry-After"] == "5"
         answer = await socket.call("send chat", {"msg": "during"})
         assert (answer["ok"], answer["error"]) == (False, "internal_error")
 
