@@ -31,6 +31,7 @@ from socketio import packet
 from .fanout import RedisClientManager
 from .limits import ChatRateLimiter
 from .metrics import Metrics
+from .ordering import Sequencer
 from .presence import Presence
 from .sessions import Identity, read_session
 from .storage import Storage
@@ -186,6 +187,8 @@ class Realtime:
         self.presence = presence
         self.rate_limiter = rate_limiter
         self.sockets: dict[str, SocketState] = {}
+        # Every `new chat` reaches this process's sockets through the sequencer: once each, in id order.
+        self.sequencer = Sequencer(storage, self._deliver_chat)
         self.sio = ChatServer(
             async_mode="aiohttp",
             json=OrjsonForSocketIO,
@@ -201,6 +204,7 @@ class Realtime:
         self.cluster = client_manager if isinstance(client_manager, RedisClientManager) else None
         if self.cluster is not None:
             self.cluster.on_control("end_session", self.end_local_session)
+            self.cluster.on_control("chat", self._chat_published)
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.events.update(
@@ -248,14 +252,51 @@ class Realtime:
         for room in state.rooms:
             if await self.presence.leave(room, sid, state.user):
                 await self._announce(room)
+        await self._release_rooms(sid, state.rooms)
 
     async def _enter(self, sid: str, state: SocketState, room: str) -> tuple[list[dict], list[dict], bool]:
         """Join a chat room: its latest history, its online list, and whether that list changed."""
         state.rooms.add(room)
-        await self.sio.enter_room(sid, chat_room(room))
+        # The history stops where this socket's live `new chat`s start (ordering.py).
+        watermark = await self.sequencer.enter(room, lambda: self.sio.enter_room(sid, chat_room(room)))
         changed = await self.presence.join(room, sid, state.user)
-        history = await self.storage.history(room, limit=WELCOME_HISTORY)
+        history = await self._history_until(room, watermark)
         return history, await self.presence.members(room), changed
+
+    async def _history_until(self, room: str, watermark: int | None) -> list[dict]:
+        """The latest messages up to `watermark`, the last id this process delivered to the room."""
+        if watermark is None:  # not ordered here (cannot be, for a room a socket is in): the latest
+            return await self.storage.history(room, limit=WELCOME_HISTORY)
+        if watermark == 0:
+            return []
+        return await self.storage.history(room, before=watermark + 1, limit=WELCOME_HISTORY)
+
+    async def _release_rooms(self, sid: str, rooms) -> None:
+        """Rooms where no other socket of this process is left stop being ordered here."""
+        for room in list(rooms):
+
+            def unused(room: str = room) -> bool:  # `sid` itself is still listed while it disconnects
+                return all(other == sid for other, _ in self.sio.manager.get_participants("/", chat_room(room)))
+
+            await self.sequencer.forget(room, unused)
+
+    # -- new chat: stored, then ordered and delivered on every process ------------------------
+
+    async def _publish_chat(self, message: dict) -> None:
+        """Hand a stored message to every process's sequencer, this one's included."""
+        if self.cluster is not None:
+            await self.cluster.publish_control("chat", message)
+        else:
+            await self.sequencer.receive(message)
+
+    async def _chat_published(self, message: dict) -> None:
+        # Rooms without a socket here are not ordered here: the next join starts them from storage.
+        if isinstance(message, dict) and self.sequencer.tracks(message.get("room")):
+            await self.sequencer.receive(message)
+
+    async def _deliver_chat(self, message: dict) -> None:
+        """The sequencer's output: to this process's sockets in the room only (every process runs one)."""
+        await self.sio.emit("new chat", message, room=chat_room(message["room"]), ignore_queue=True)
 
     async def _announce(self, room: str) -> None:
         """Send a room its online list; called whenever its membership changed."""
@@ -352,7 +393,7 @@ class Realtime:
             )
         message = await self.storage.add_message(command.room, user.name, user.account, command.msg, time.time())
         self.metrics.message_stored()
-        await self.sio.emit("new chat", message, room=chat_room(command.room))
+        await self._publish_chat(message)
         return {"ok": True, "id": message["id"]}
 
     async def join(self, sid: str, payload) -> dict:
@@ -360,8 +401,8 @@ class Realtime:
         state = self.sockets[sid]
         if room not in state.rooms and len(state.rooms) >= MAX_ROOMS_PER_SOCKET:
             raise EventError("too_many_rooms", f"A connection can be in at most {MAX_ROOMS_PER_SOCKET} rooms.")
-        if room in state.rooms:
-            history = await self.storage.history(room, limit=WELCOME_HISTORY)
+        if room in state.rooms:  # already live here: a history up to what it was sent
+            history = await self._history_until(room, self.sequencer.watermark(room))
             online = await self.presence.members(room)
         else:
             history, online, changed = await self._enter(sid, state, room)
@@ -376,6 +417,7 @@ class Realtime:
         await self.sio.leave_room(sid, chat_room(room))
         if await self.presence.leave(room, sid, state.user):
             await self._announce(room)
+        await self._release_rooms(sid, [room])
         return {"ok": True}
 
     async def history(self, sid: str, payload) -> dict:
