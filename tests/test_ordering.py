@@ -1,7 +1,7 @@
 """chatd.ordering.Sequencer over chatd's real SQLite storage: messages fed in any
 order and with repeats (as Redis hands several processes' publications to one
 process) come out once each, in id order; a missing one is fetched from storage
-after the hold. The two-process test through Redis comes with the wiring (phase 2)."""
+after the hold. Two processes through Redis and nginx: tests/test_cluster_order.py."""
 
 from __future__ import annotations
 
