@@ -156,3 +156,34 @@ def _difference(ids: list[int], expected: list[int]) -> str:
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     out_of_order = [(a, b) for a, b in zip(ids, ids[1:]) if b <= a][:5]
     return f"{len(ids)} received; missing {missing[:10]}…; repeated {repeated[:10]}; out of order {out_of_order}"
+
+
+async def test_a_message_stored_but_never_published_is_fetched_by_every_process_in_order(cluster):
+    """As if a process stored a message and died (kill -9) before publishing it: the next
+    message of the room is held, and after the hold every process reads the missing one
+    from storage and delivers both, in order."""
+    from chatd.storage.postgres import PostgresStorage
+    from conftest import Visitor
+
+    room = "order-gap"
+    visitors = [Visitor(process.url) for process in cluster.processes]
+    storage = PostgresStorage(cluster.database_url)
+    await storage.open()
+    try:
+        sockets = [await visitor.socket() for visitor in visitors]  # one on each process
+        for socket in sockets:
+            assert (await socket.call("join", {"room": room}))["ok"] is True
+        lost = await storage.add_message(room, "ghost", None, "stored, never published", time.time())
+        started = time.monotonic()
+        ack = await sockets[0].call("send chat", {"room": room, "msg": "the next one"})
+        assert ack == {"ok": True, "id": lost["id"] + 1}
+        for socket in sockets:
+            first, second = await socket.next("new chat"), await socket.next("new chat")
+            assert (first, second["id"], second["msg"]) == (lost, ack["id"], "the next one")
+        assert time.monotonic() - started >= 0.25  # held for the hold (0.3 s), then fetched
+        for socket in sockets:
+            await socket.nothing("new chat", wait=0.5)  # and each exactly once
+    finally:
+        await storage.close()
+        for visitor in visitors:
+            await visitor.close()
