@@ -287,7 +287,7 @@ class Realtime:
         if self.cluster is not None:
             await self.cluster.publish_control("chat", message)
         else:
-            await self.sequencer.receive(message)
+            await self._chat_published(message)
 
     async def _chat_published(self, message: dict) -> None:
         # Rooms without a socket here are not ordered here: the next join starts them from storage.
