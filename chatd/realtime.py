@@ -9,7 +9,9 @@ finds is fixed for the socket's lifetime.
 
 Every broadcast goes through python-socketio rooms: `room:<name>` for chat
 rooms and `session:<sha256 of sid>` for all sockets of one session, so that a Redis
-client manager can carry them across processes.
+client manager can carry them across processes. `new chat` is the exception: a
+stored message is handed once to every process's sequencer (ordering.py), which
+emits it to that process's sockets only, in id order.
 """
 
 from __future__ import annotations
