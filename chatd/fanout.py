@@ -7,7 +7,8 @@ every other process delivers it to its own sockets (python-socketio's
 
 chatd adds *control messages* on the same channel: things every process must do
 for its own sockets that are not an emit, such as ending a session (emit
-`session_ended`, disconnect, close the transport). They are JSON arrays
+`session_ended`, disconnect, close the transport) or putting a stored chat
+message in order before delivering it (`chat`, see ordering.py). They are JSON arrays
 `["chatd", host_id, name, *args]`, told apart from python-socketio's own
 messages (JSON objects) by their first byte, and handled by the callback
 registered for `name`. Same channel, so they keep their order with the emits.

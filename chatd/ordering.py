@@ -28,6 +28,12 @@ what storage holds now, and older gaps never stall delivery.
 A joining socket must enter the room and read the watermark with no delivery
 in between: `enter` runs the caller's join under the room's lock and returns the
 watermark; the socket's history is then everything up to it.
+
+When the last local socket leaves a room, the caller `forget`s it, and feeds
+the sequencer only the messages of rooms it `tracks`: every process hears every
+room's messages, and one with no socket in a room has nothing to order. A
+message dropped that way was stored before it was published, so the next start
+of the room (from storage) counts it as history.
 """
 
 from __future__ import annotations
@@ -87,20 +93,37 @@ class Sequencer:
         The socket is sent every message after the returned id, so its history should
         be the messages up to it.
         """
-        room = await self._room(name)
-        async with room.lock:
-            await join()
-            return room.delivered
+        while True:
+            room = await self._room(name)
+            async with room.lock:
+                if self._rooms.get(name) is not room:
+                    continue  # forgotten while we waited: the room restarts from storage
+                await join()
+                return room.delivered
 
     def watermark(self, name: str) -> int | None:
         room = self._rooms.get(name)
         return None if room is None else room.delivered
 
-    def forget(self, name: str) -> None:
-        """No local socket is in the room any more: drop its state (it restarts from storage)."""
-        room = self._rooms.pop(name, None)
-        if room is not None and room.gap_timer is not None:
-            room.gap_timer.cancel()
+    def tracks(self, name: str) -> bool:
+        """Whether this process follows the room (some local socket entered it, and it was not forgotten)."""
+        return name in self._rooms or name in self._starting
+
+    async def forget(self, name: str, unused: Callable[[], bool] = lambda: True) -> None:
+        """Drop a room's state if `unused()` (no local socket is in it), checked under its lock.
+
+        Under the lock, so a socket entering the room meanwhile is either seen by
+        `unused` or enters a fresh room; and a forgotten room restarts from storage.
+        """
+        room = self._rooms.get(name)
+        if room is None:
+            return
+        async with room.lock:
+            if self._rooms.get(name) is room and unused():
+                del self._rooms[name]
+                if room.gap_timer is not None:
+                    room.gap_timer.cancel()
+                    room.gap_timer = None
 
     # -- messages ---------------------------------------------------------------------
 
@@ -108,6 +131,8 @@ class Sequencer:
         name, id_ = message["room"], message["id"]
         room = await self._room(name)
         async with room.lock:
+            if self._rooms.get(name) is not room:
+                return  # forgotten meanwhile: no local socket wants it, and a new start reads storage
             if id_ <= room.delivered or id_ in room.held:
                 return  # a duplicate
             room.held[id_] = message

@@ -9,7 +9,9 @@ finds is fixed for the socket's lifetime.
 
 Every broadcast goes through python-socketio rooms: `room:<name>` for chat
 rooms and `session:<sha256 of sid>` for all sockets of one session, so that a Redis
-client manager can carry them across processes.
+client manager can carry them across processes. `new chat` is the exception: a
+stored message is handed once to every process's sequencer (ordering.py), which
+emits it to that process's sockets only, in id order.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .broadcast import EngineServer, FastBroadcastManager
 from .fanout import RedisClientManager
 from .limits import ChatRateLimiter
 from .metrics import Metrics
+from .ordering import Sequencer
 from .presence import Member, Presence, Publish
 from .sessions import Identity, read_session
 from .socketrooms import indexed
@@ -216,6 +219,8 @@ class Realtime:
         self.presence = presence(self._publish_presence)
         self.rate_limiter = rate_limiter
         self.sockets: dict[str, SocketState] = {}
+        # Every `new chat` reaches this process's sockets through the sequencer: once each, in id order.
+        self.sequencer = Sequencer(storage, self._deliver_chat)
         self.sio = ChatServer(
             async_mode="aiohttp",
             # Either way each socket's rooms are indexed: disconnect storms cost each socket's rooms, not all rooms.
@@ -235,6 +240,7 @@ class Realtime:
         self.cluster = client_manager if isinstance(client_manager, RedisClientManager) else None
         if self.cluster is not None:
             self.cluster.on_control("end_session", self.end_local_session)
+            self.cluster.on_control("chat", self._chat_published)
         self.sio.on("connect", self.on_connect)
         self.sio.on("disconnect", self.on_disconnect)
         self.sio.events.update(
@@ -291,6 +297,7 @@ class Realtime:
         member = state.user.presence_member()
         for room in state.rooms:
             await self.presence.leave(room, sid, member)
+        await self._release_rooms(sid, state.rooms)
 
     async def _send_welcome(self, sid: str, welcome: dict, online: str) -> None:
         """Emit `welcome` with its `online` list spliced in as the JSON text presence keeps.
@@ -311,15 +318,51 @@ class Realtime:
         `presence` event published after that list reaches it too.
         """
         state.rooms.add(room)
-        await self.sio.enter_room(sid, chat_room(room))
+        # The history stops where this socket's live `new chat`s start (ordering.py).
+        watermark = await self.sequencer.enter(room, lambda: self.sio.enter_room(sid, chat_room(room)))
         member = state.user.presence_member()
         await self.presence.join(room, sid, member)
-        history = await self.storage.history(room, limit=WELCOME_HISTORY)
+        history = await self._history_until(room, watermark)
         return history, await self.presence.snapshot(room, member)
 
     async def _publish_presence(self, room: str, joins: list[Member], leaves: list[Member]) -> None:
         """One `presence` event to every socket of a room (on every process, through the manager)."""
         await self.sio.emit("presence", {"room": room, "joins": joins, "leaves": leaves}, room=chat_room(room))
+
+    async def _history_until(self, room: str, watermark: int | None) -> list[dict]:
+        """The latest messages up to `watermark`, the last id this process delivered to the room."""
+        if watermark is None:  # not ordered here (cannot be, for a room a socket is in): the latest
+            return await self.storage.history(room, limit=WELCOME_HISTORY)
+        if watermark == 0:
+            return []
+        return await self.storage.history(room, before=watermark + 1, limit=WELCOME_HISTORY)
+
+    async def _release_rooms(self, sid: str, rooms) -> None:
+        """Rooms where no other socket of this process is left stop being ordered here."""
+        for room in list(rooms):
+
+            def unused(room: str = room) -> bool:  # `sid` itself is still listed while it disconnects
+                return all(other == sid for other, _ in self.sio.manager.get_participants("/", chat_room(room)))
+
+            await self.sequencer.forget(room, unused)
+
+    # -- new chat: stored, then ordered and delivered on every process ------------------------
+
+    async def _publish_chat(self, message: dict) -> None:
+        """Hand a stored message to every process's sequencer, this one's included."""
+        if self.cluster is not None:
+            await self.cluster.publish_control("chat", message)
+        else:
+            await self._chat_published(message)
+
+    async def _chat_published(self, message: dict) -> None:
+        # Rooms without a socket here are not ordered here: the next join starts them from storage.
+        if isinstance(message, dict) and self.sequencer.tracks(message.get("room")):
+            await self.sequencer.receive(message)
+
+    async def _deliver_chat(self, message: dict) -> None:
+        """The sequencer's output: to this process's sockets in the room only (every process runs one)."""
+        await self.sio.emit("new chat", message, room=chat_room(message["room"]), ignore_queue=True)
 
     def online_counts(self) -> tuple[int, int, int]:
         """For metrics: sockets, rooms with a socket, and sessions with a socket, on this process."""
@@ -412,7 +455,7 @@ class Realtime:
             )
         message = await self.storage.add_message(command.room, user.name, user.account, command.msg, time.time())
         self.metrics.message_stored()
-        await self.sio.emit("new chat", message, room=chat_room(command.room))
+        await self._publish_chat(message)
         return {"ok": True, "id": message["id"]}
 
     async def join(self, sid: str, payload) -> dict:
@@ -420,8 +463,8 @@ class Realtime:
         state = self.sockets[sid]
         if room not in state.rooms and len(state.rooms) >= MAX_ROOMS_PER_SOCKET:
             raise EventError("too_many_rooms", f"A connection can be in at most {MAX_ROOMS_PER_SOCKET} rooms.")
-        if room in state.rooms:
-            history = await self.storage.history(room, limit=WELCOME_HISTORY)
+        if room in state.rooms:  # already live here: a history up to what it was sent
+            history = await self._history_until(room, self.sequencer.watermark(room))
             online = await self.presence.snapshot(room, state.user.presence_member())
         else:
             history, online = await self._enter(sid, state, room)
@@ -434,6 +477,7 @@ class Realtime:
         state.rooms.discard(room)
         await self.sio.leave_room(sid, chat_room(room))
         await self.presence.leave(room, sid, state.user.presence_member())
+        await self._release_rooms(sid, [room])
         return {"ok": True}
 
     async def history(self, sid: str, payload) -> dict:

@@ -28,6 +28,9 @@ let endedWhileSwitching = false;
 let recoverTimer = null;
 let recoverDelay = RECOVER_DELAY_MS;
 let loadingOlder = false;
+// Rooms being joined: the `new chat`s that came before the join's answer. The server
+// sends a joining socket every message after its history, and one may overtake the answer.
+const joining = new Map();
 
 // -- connection and session ---------------------------------------------------
 
@@ -164,7 +167,10 @@ function setIdentity({ name, account, id = null }) {
 
 function onChat(message) {
   const room = rooms.get(message.room);
-  if (!room) return;
+  if (!room) {
+    joining.get(message.room)?.push(message);
+    return;
+  }
   addMessages(room, [message], 0);
   if (message.room === rooms.current && !view.isMine(message, me)) view.announce(`${message.name}: ${message.msg}`);
 }
@@ -263,8 +269,15 @@ el.joinForm.addEventListener("submit", async (event) => {
   if (!name) return;
   try {
     if (!rooms.has(name)) {
-      const answer = await connection.request("join", { room: name });
-      await catchUp(connection, rooms.add(answer.room), answer.history, answer.online);
+      joining.set(name, []);
+      try {
+        const answer = await connection.request("join", { room: name });
+        const room = rooms.add(answer.room);
+        await catchUp(connection, room, answer.history, answer.online);
+        addMessages(room, joining.get(name), 0);
+      } finally {
+        joining.delete(name);
+      }
     }
     el.joinRoom.value = "";
     selectRoom(name);

@@ -1,9 +1,9 @@
 """`make cluster`: two chatd processes as one chat, on loopback, to try with two browser windows.
 
-Starts a throwaway Redis, two `python -m chatd` processes sharing it (and the
-same fresh secret key), and nginx in front of them (deploy/nginx-chatd.conf:
-ip_hash, websocket upgrade) — the same throwaway servers the tests use
-(tests/redis_service.py, tests/nginx_service.py). Prints the URLs; Ctrl-C stops
+Starts a throwaway Redis and PostgreSQL, two `python -m chatd` processes sharing
+them (and the same fresh secret key), and nginx in front of them
+(deploy/nginx-chatd.conf: ip_hash, websocket upgrade) — the same throwaway servers
+the tests use (tests/redis_service.py, tests/pg_service.py, tests/nginx_service.py). Prints the URLs; Ctrl-C stops
 everything it started, by PID, and removes the temp dirs.
 
 Not part of the chatd package: a developer's tool, run from a checkout.
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from nginx_service import nginx_missing, start_nginx  # noqa: E402
+from pg_service import find_bin_dir, start_postgres  # noqa: E402
 from redis_service import free_port, redis_missing, start_redis  # noqa: E402
 
 
@@ -67,12 +68,20 @@ class Chatd:
                 self.proc.wait()
 
 
+class Throwaway:
+    """Something started, with a stop() for the common clean-up."""
+
+    def __init__(self, stop) -> None:
+        self.stop = stop
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("CLUSTER_PORT", "8800")),
                         help="nginx's port on 127.0.0.1 (default 8800, or CLUSTER_PORT)")  # fmt: skip
     args = parser.parse_args()
-    for missing in (redis_missing(), nginx_missing()):
+    no_postgres = None if find_bin_dir() else "PostgreSQL's initdb/pg_ctl are missing (Debian's postgresql package)"
+    for missing in (redis_missing(), nginx_missing(), no_postgres):
         if missing:
             print(f"cluster: {missing}; `make system-deps` as root installs it", file=sys.stderr)
             return 2
@@ -92,11 +101,9 @@ def main() -> int:
     try:
         redis = start_redis()
         started.append(redis)
-        flags = ["--redis-url", redis.url, "--trusted-proxy", "127.0.0.1"]
-        # PHASE 2 HOOK (PostgreSQL): start tests/pg_service.py's throwaway PostgreSQL
-        # here, add it to `started`, and append ["--database-url", its URL] to `flags`.
-        # Until then each process keeps its own SQLite in the temp dir: broadcasts,
-        # session endings and limits are shared, accounts and history are not.
+        postgres = start_postgres()
+        started.append(Throwaway(postgres.destroy))
+        flags = ["--redis-url", redis.url, "--database-url", postgres.url, "--trusted-proxy", "127.0.0.1"]
         processes = [Chatd(name, free_port(), flags, env, directory) for name in ("a", "b")]
         started.extend(processes)
         for process in processes:
@@ -106,7 +113,8 @@ def main() -> int:
         a, b = processes
         print(
             f"""
-chatd cluster: two processes, one Redis ({redis.url}), nginx in front.
+chatd cluster: two processes, one Redis ({redis.url}),
+one PostgreSQL ({postgres.url}), nginx in front.
 
   through nginx:   {nginx.url}/
   process a alone: http://127.0.0.1:{a.port}/
@@ -114,8 +122,6 @@ chatd cluster: two processes, one Redis ({redis.url}), nginx in front.
 
 nginx's ip_hash sends every window of this machine to the same process; open
 process a in one window and process b in the other to watch them chat through Redis.
-Until shared PostgreSQL is wired in, each process numbers its messages in its own
-SQLite, so ids collide and the page drops one process's messages as repeats.
 Logs: {directory}
 Ctrl-C stops everything.""",
             flush=True,
@@ -128,7 +134,7 @@ Ctrl-C stops everything.""",
             time.sleep(0.2)
         print("\ncluster: stopping", flush=True)
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"cluster: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -79,16 +79,25 @@ def nginx_missing() -> str | None:
     return None
 
 
-def server_block(upstreams: list[str], listen: str) -> str:
-    """deploy/nginx-chatd.conf with its placeholders filled in."""
+def server_block(upstreams: list[str], listen: str, balance: str | None = None) -> str:
+    """deploy/nginx-chatd.conf with its placeholders filled in.
+
+    `balance` replaces its `ip_hash;` for tests whose clients all come from 127.0.0.1
+    (ip_hash would send them all to one process), e.g. "hash $arg_client;": a key
+    each client repeats on every request, so a polling client still sticks to one process.
+    """
     servers = "\n".join(f"    server {address};" for address in upstreams)
-    return SERVER_BLOCK.read_text().replace("@UPSTREAM_SERVERS@", servers).replace("@LISTEN@", listen)
+    block = SERVER_BLOCK.read_text().replace("@UPSTREAM_SERVERS@", servers).replace("@LISTEN@", listen)
+    if balance is not None:
+        assert block.count("    ip_hash;\n") == 1
+        block = block.replace("    ip_hash;\n", f"    {balance}\n")
+    return block
 
 
-def start_nginx(upstreams: list[str], port: int | None = None) -> NginxService:
+def start_nginx(upstreams: list[str], port: int | None = None, balance: str | None = None) -> NginxService:
     port = port or free_port()
     directory = Path(tempfile.mkdtemp(prefix="chatd-nginx-"))
-    block = "    " + server_block(upstreams, f"127.0.0.1:{port}").replace("\n", "\n    ")
+    block = "    " + server_block(upstreams, f"127.0.0.1:{port}", balance).replace("\n", "\n    ")
     # As root, nginx's workers would drop to `nobody`, who cannot use this
     # private temp dir; as anyone else, workers stay the current user anyway.
     user = "user root;" if os.geteuid() == 0 else ""

@@ -1,11 +1,7 @@
 """Several chatd processes as one chat (issue 13): two `python -m chatd` processes
-sharing a throwaway Redis, with a throwaway nginx (ip_hash, websocket upgrade) in front.
-
-Phase 1: each process has its own SQLite data dir (two processes cannot share
-one), with the same CHATD_SECRET_KEYS. So these tests cover what crosses
-through Redis and the keys — broadcasts, session endings, rate limits, cookies —
-and not what needs shared storage (a revoked cookie refused on both, history
-across processes, ordered delivery): those come with PostgreSQL.
+sharing a throwaway Redis and one PostgreSQL database, with a throwaway nginx
+(ip_hash, websocket upgrade) in front (tests/cluster_service.py). Ordered delivery
+across processes is tests/test_cluster_order.py.
 
 Missing redis-server or nginx: a loud skip, or a failure under CI=true.
 """
@@ -15,60 +11,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
 
 import socketio
 
-from conftest import ChatdProcess, RawSocket, SocketClient, Visitor, connect_socket
-from nginx_service import NginxService, nginx_missing, start_nginx
-from redis_service import RedisService, redis_missing, redis_service, redis_url, skip_or_fail, start_redis  # noqa: F401 (fixtures)
+from cluster_service import Cluster, running_cluster
+from conftest import RawSocket, SocketClient, Visitor, connect_socket, refusal
+from redis_service import redis_service, redis_url  # noqa: F401 (fixtures)
 
 CHAT_BURST = 4
 CHAT_RATE = 0.05  # one token back every 20 s: no refill within a test
 END_WITHIN = 1.0  # SPEC: a session's sockets on every process are disconnected within 1 s
 
 
-@dataclass
-class Cluster:
-    redis: RedisService
-    a: ChatdProcess
-    b: ChatdProcess
-    nginx: NginxService
-    key: str
-
-    @property
-    def processes(self) -> tuple[ChatdProcess, ChatdProcess]:
-        return self.a, self.b
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Cluster:
-    for missing in (redis_missing(), nginx_missing()):
-        if missing:
-            skip_or_fail(missing + " — `make system-deps` as root installs it")
-    root: Path = tmp_path_factory.mktemp("cluster")
-    key = Fernet.generate_key().decode("ascii")
-    env = {"CHATD_SECRET_KEYS": key}
-    redis = start_redis()
-    started: list = [redis]
-    try:
-        flags = ["--redis-url", redis.url, "--chat-burst", str(CHAT_BURST), "--chat-rate", str(CHAT_RATE)]
-        flags += ["--trusted-proxy", "127.0.0.1"]
-        a = ChatdProcess(*flags, data_dir=root / "a" / "data", env=env)
-        b = ChatdProcess(*flags, data_dir=root / "b" / "data", env=env)
-        for process in (a, b):
-            process.start()
-            started.append(process)
-        nginx = start_nginx([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
-        started.append(nginx)
-        yield Cluster(redis, a, b, nginx, key)
-    finally:
-        for part in reversed(started):
-            part.stop()
+def cluster(tmp_path_factory, pg_server) -> Cluster:
+    flags = ["--chat-burst", str(CHAT_BURST), "--chat-rate", str(CHAT_RATE)]
+    with running_cluster(tmp_path_factory.mktemp("cluster"), pg_server[0], *flags) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -283,8 +245,7 @@ async def test_the_login_throttle_holds_across_processes(cluster, visitors):
 
 
 async def test_a_successful_login_on_one_process_clears_the_failures_on_the_other(cluster, visitors):
-    for process in cluster.processes:  # PHASE 2: one registration, in the shared storage
-        await (await visitors(process.url)).register("forgiven")
+    await (await visitors(cluster.b.url)).register("forgiven")  # one account, in the shared storage
     a, b = await visitors(cluster.a.url), await visitors(cluster.b.url)
     for _ in range(4):
         status, _ = await a.post("/api/login", {"username": "forgiven", "password": "wrong password"})
@@ -358,8 +319,12 @@ async def test_only_room_broadcasts_cross_redis_not_what_is_meant_for_one_socket
         ack = await socket.call("send chat", {"msg": "for the room"})
         assert ack["ok"] is True
         published = await published_on(pubsub)
-        assert any('"new chat"' in data and "for the room" in data for data in published), published
-        assert not any('"welcome"' in data or '"chat_error"' in data for data in published), published
+        # The stored message goes out once, as a control message every process's sequencer
+        # reads (not also as an emit, which would reach the other process's sockets unordered).
+        chats = [json.loads(data) for data in published if "for the room" in data]
+        assert len(chats) == 1 and chats[0][0] == "chatd" and chats[0][2] == "chat", published
+        assert chats[0][3] == {**chats[0][3], "id": ack["id"], "msg": "for the room"}
+        assert not any('"welcome"' in data or '"chat_error"' in data or '"new chat"' in data for data in published)
     finally:
         await pubsub.aclose()
         await redis.aclose()
@@ -401,7 +366,25 @@ async def test_nginx_passes_the_session_cookie_and_the_api_through(cluster, visi
     for process in cluster.processes:
         direct = await as_visitor_of(visitors, process.url, visitor.cookie)
         assert (await direct.session())["account"] == "via-nginx"
-    # PHASE 2 (shared PostgreSQL): a cookie revoked through one process is refused by both.
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_a_cookie_revoked_through_one_process_is_refused_by_both(cluster, visitors, transport):
+    alice = await visitors(cluster.a.url)
+    await alice.register(f"revoked-{transport}")
+    cookie = alice.cookie
+    for process in cluster.processes:  # good on both first
+        assert (await (await as_visitor_of(visitors, process.url, cookie)).session())["account"] == f"revoked-{transport}"
+    status, _ = await alice.post("/api/logout")
+    assert status == 200 and alice.cookie != cookie
+    for process in cluster.processes:
+        # The socket handshake is refused as revoked …
+        refused = await refusal(process.url, cookie=cookie, transport=transport)
+        assert refused == {"message": "unauthorized", "data": {"reason": "revoked"}}, (process.url, refused)
+        # … and HTTP treats the cookie as no session: a new guest one instead.
+        stale = await as_visitor_of(visitors, process.url, cookie)
+        assert (await stale.session())["account"] is None
+        assert stale.cookie != cookie
 
 
 # -- the Redis limits on their own, and start-up --------------------------------------

@@ -1,7 +1,7 @@
 """chatd.ordering.Sequencer over chatd's real SQLite storage: messages fed in any
 order and with repeats (as Redis hands several processes' publications to one
 process) come out once each, in id order; a missing one is fetched from storage
-after the hold. The two-process test through Redis comes with the wiring (phase 2)."""
+after the hold. Two processes through Redis and nginx: tests/test_cluster_order.py."""
 
 from __future__ import annotations
 
@@ -111,19 +111,18 @@ async def test_a_room_starts_from_what_storage_holds_when_first_needed(storage):
 
 
 async def test_gaps_in_a_rooms_ids_delay_but_never_stall_delivery(storage):
-    # Ids with gaps within a room, as in data from before gapless ids (here:
-    # SQLite's ids, shared by all rooms, interleaved with another room's).
+    # Ids with gaps within a room, as in data from before gapless ids, loaded as they are.
     recorder = Recorder()
     sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
     await sequencer.enter("general", _nothing)
-    first = await storage.add_message("general", "a", None, "one", time.time())
-    await storage.add_message("elsewhere", "a", None, "x", time.time())
-    second = await storage.add_message("general", "a", None, "two", time.time())
+    rows = [("general", 1, "a", None, "one", time.time()), ("general", 3, "a", None, "two", time.time())]
+    await storage.load("messages", rows)
+    first, second = await storage.history("general")
     await sequencer.receive(first)
     await sequencer.receive(second)  # id 3: held, as 2 might be on its way
-    assert recorder.ids == [first["id"]]
+    assert recorder.ids == [1]
     await recorder.wait_for(2)
-    assert recorder.ids == [first["id"], second["id"]]
+    assert recorder.ids == [1, 3]
 
 
 async def test_many_messages_from_two_sources_in_any_order_each_come_out_once_in_order(storage):
@@ -170,3 +169,18 @@ async def test_a_socket_entering_a_room_gets_history_up_to_the_watermark_and_eve
 
 async def _nothing() -> None:
     return None
+
+
+async def test_a_forgotten_room_restarts_from_storage_and_an_unused_check_can_keep_it(storage):
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    await sequencer.forget("general", lambda: False)  # a socket is still in it
+    assert sequencer.tracks("general")
+    await sequencer.forget("general")
+    assert not sequencer.tracks("general") and sequencer.watermark("general") is None
+    missed = await store(storage, 3)  # stored while nobody here was in the room
+    assert await sequencer.enter("general", _nothing) == 3
+    for message in missed:
+        await sequencer.receive(message)  # late publications: history now, not news
+    assert recorder.ids == []
