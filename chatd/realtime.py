@@ -293,8 +293,10 @@ class Realtime:
         return history, await self.presence.snapshot(room, member)
 
     async def _publish_presence(self, room: str, joins: list[Member], leaves: list[Member]) -> None:
-        """One `presence` event to every socket of a room (on every process, through the manager)."""
-        await self.sio.emit("presence", {"room": room, "joins": joins, "leaves": leaves}, room=chat_room(room))
+        """One `presence` event to this process's sockets of a room: with several processes, each
+        computes its own sockets' events from Redis's stream of changes (presence/redis.py)."""
+        event = {"room": room, "joins": joins, "leaves": leaves}
+        await self.sio.emit("presence", event, room=chat_room(room), ignore_queue=True)
 
     def online_counts(self) -> tuple[int, int, int]:
         """For metrics: sockets, rooms with a socket, and sessions with a socket, on this process."""
