@@ -146,7 +146,8 @@ async def test_ending_a_session_on_one_process_closes_its_socket_on_the_other_ev
         assert status == 200
         packets = []
         while (packet := await raw.recv(timeout=max(0.01, started + END_WITHIN - time.monotonic()))) != "":
-            packets.append(packet)
+            if not packet.startswith('42["presence"'):  # its own arrival, heard during a slow login
+                packets.append(packet)
         elapsed = time.monotonic() - started
     finally:
         await raw.close()
