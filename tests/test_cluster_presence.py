@@ -447,3 +447,26 @@ async def test_a_process_that_stalls_past_its_heartbeat_comes_back_with_its_memb
         cluster.b.proc.send_signal(signal.SIGCONT)
     await all_see([observer, *stalling], truth, timeout=2 * HEARTBEAT_SECONDS + 2)
     assert sorted(await redis_members(cluster, "general")) == sorted(m["id"] for m in truth)
+
+
+async def test_presence_is_rebuilt_when_redis_restarts_empty(fresh_cluster, visitors):
+    """Redis keeps nothing durable: after a restart with no data, each process finds its
+    heartbeat gone, takes its sessions' places again and reads its rooms again."""
+    cluster = fresh_cluster
+    observer = await tab(visitors, cluster.a.url)
+    members = [await tab(visitors, cluster.b.url) for _ in range(2)]
+    truth = [observer.me] + [m.me for m in members]
+    await all_see([observer, *members], truth)
+    port = cluster.redis.port
+    cluster.redis.stop()
+    cluster.redis = start_redis(port)
+    deadline = time.monotonic() + 3 * HEARTBEAT_SECONDS + 3
+    while sorted(await redis_members(cluster, "general")) != sorted(m["id"] for m in truth):
+        assert time.monotonic() < deadline, await redis_members(cluster, "general")
+        await asyncio.sleep(0.2)
+    await all_see([observer, *members], truth, timeout=3 * HEARTBEAT_SECONDS)
+    # And it works as before: a change on one process is heard on the other.
+    newcomer = await tab(visitors, cluster.b.url)
+    await members[0].close()
+    truth = [observer.me, members[1].me, newcomer.me]
+    await all_see([observer, members[1], newcomer], truth, timeout=HEARD_WITHIN + 1)
