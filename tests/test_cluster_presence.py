@@ -25,7 +25,7 @@ from chatd.presence.redis import ALIVE_SECONDS, CHANNEL, HEARTBEAT_SECONDS, PREF
 from conftest import ChatdProcess, SocketClient, Visitor, apply_presence, by_name, connect_socket
 from nginx_service import NginxService, nginx_missing, start_nginx
 from pg_service import create_database, drop_database
-from redis_service import RedisService, redis_missing, skip_or_fail, start_redis
+from redis_service import RedisService, redis_missing, redis_service, skip_or_fail, start_redis  # noqa: F401 (fixture)
 
 HEARD_WITHIN = 1.0  # SPEC: a room's change reaches every socket within 1 s, on every process
 DEAD_GONE_WITHIN = 15.0  # SPEC: a killed process's sessions leave within 15 s
@@ -470,3 +470,59 @@ async def test_presence_is_rebuilt_when_redis_restarts_empty(fresh_cluster, visi
     await members[0].close()
     truth = [observer.me, members[1].me, newcomer.me]
     await all_see([observer, members[1], newcomer], truth, timeout=HEARD_WITHIN + 1)
+
+
+# -- the store on its own ----------------------------------------------------------------------
+
+
+async def test_holds_are_counted_per_process_and_a_batch_sent_twice_changes_nothing(redis_service):
+    """Two stores ("processes") on one Redis, with their own publish callbacks: a session held
+    by both is one member; the scripts are idempotent, which is what lets a process send a
+    batch again after an error."""
+    from redis.asyncio import Redis
+
+    from chatd.presence.redis import RedisPresence
+
+    heard: dict[str, list] = {"p": [], "q": []}
+
+    def publish_to(name: str):
+        async def publish(room, joins, leaves) -> None:
+            heard[name].append((room, [m["id"] for m in joins], [m["id"] for m in leaves]))
+
+        return publish
+
+    async def heard_by_both(event, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(event in events for events in heard.values()):
+            assert time.monotonic() < deadline, heard
+            await asyncio.sleep(0.01)
+
+    redis = Redis.from_url(redis_service.url)
+    p, q = RedisPresence(publish_to("p"), redis), RedisPresence(publish_to("q"), redis)
+    x = {"id": "member-x", "name": "x", "account": None}
+    try:
+        await p.start()
+        await q.start()
+        await p.join("general", "p-socket-1", x)
+        await q.join("general", "q-socket-1", x)  # the same session, a tab on the other process
+        await p.join("general", "p-socket-2", x)  # a second tab on p: no new hold
+        await heard_by_both(("general", ["member-x"], []))
+        await asyncio.sleep(0.2)
+        assert heard == {"p": [("general", ["member-x"], [])], "q": [("general", ["member-x"], [])]}
+        assert await redis.hgetall(f"{PREFIX}room:general:holders") == {b"member-x": b"2"}
+        assert await q.snapshot("general", {"id": "new", "name": "y", "account": None}) == (
+            '[{"id":"member-x","name":"x","account":null},{"id":"new","name":"y","account":null}]'
+        )
+        # p's join sent again, then p's leave twice: p's hold counts once, and is given back once.
+        await p._write([("join", "general", x)])
+        await p._write([("leave", "general", x), ("leave", "general", x)])
+        await asyncio.sleep(0.3)
+        assert await redis.hgetall(f"{PREFIX}room:general:holders") == {b"member-x": b"1"}
+        assert all(len(events) == 1 for events in heard.values()), heard  # x is still in, on q
+        await q.leave("general", "q-socket-1", x)
+        await heard_by_both(("general", [], ["member-x"]))
+        assert await redis.exists(f"{PREFIX}room:general:holders", f"{PREFIX}room:general:members") == 0
+    finally:
+        await p.close()
+        await q.close()
+        await redis.aclose()

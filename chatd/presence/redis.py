@@ -291,6 +291,8 @@ class RedisPresence(Presence):
                 self._writing = True
                 try:
                     await self._write(batch)
+                except Exception:
+                    log.exception("could not write %d presence updates", len(batch))
                 finally:
                     self._writing = False
 
@@ -340,7 +342,10 @@ class RedisPresence(Presence):
                         for room in list(self._rooms):
                             self._reread(room)
                     elif message["type"] == "message":
-                        self._heard(message["data"])
+                        try:
+                            self._heard(message["data"])
+                        except Exception:  # whoever can publish on Redis must not stop the stream
+                            log.exception("dropped a presence change that could not be applied")
             except (RedisError, OSError) as exc:
                 self._failed(exc)
             finally:
@@ -348,11 +353,7 @@ class RedisPresence(Presence):
             await asyncio.sleep(RETRY_SECONDS)
 
     def _heard(self, data: bytes) -> None:
-        try:
-            room, seq, change, member_json = orjson.loads(data)
-        except (orjson.JSONDecodeError, ValueError, TypeError):
-            log.warning("dropped a malformed presence change")
-            return
+        room, seq, change, member_json = orjson.loads(data)
         state = self._rooms.get(room)
         if state is None:
             return  # no socket of ours there
@@ -390,8 +391,11 @@ class RedisPresence(Presence):
                 pipe.hvals(_room_key(room, "members"))
                 seq, values = await pipe.execute()
             members = [orjson.loads(value) for value in values]
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+        except Exception as exc:
+            if isinstance(exc, (RedisError, OSError)):
+                self._failed(exc)
+            else:
+                log.exception("could not read the presence of %r", room)
             state.stale = True  # read again at the next heartbeat
         else:
             self._ok()
