@@ -71,7 +71,9 @@ class Presence(abc.ABC):
 
     @abc.abstractmethod
     async def _add(self, room: str, socket_id: str, member: Member) -> bool:
-        """Record a socket in a room; True when its session was not there before."""
+        """Record a socket in a room; True when its session was not there before.
+        (The Redis store always says False: it hears every change, its own too, from
+        Redis, and touches the batcher then.)"""
 
     @abc.abstractmethod
     async def _remove(self, room: str, socket_id: str, member: Member) -> bool:
