@@ -73,6 +73,7 @@ EMPTY_ROOM_SECONDS = 86400  # an empty room's change counter is forgotten after 
 REAP_BATCH = 500  # holds of a dead process given back per script run (Redis runs one script at a time)
 RETRY_SECONDS = 1.0
 SUBSCRIBE_WAIT_SECONDS = 5.0
+FIRST_READ_WAIT_SECONDS = 2.0
 
 # Give back one hold of a process (already out of its set); announce the leave when it was the last.
 _RELEASE = """
@@ -154,7 +155,7 @@ class _Room:
         self.seq = 0  # the last change applied to `current`
         self.published = PublishedList()  # what this process's sockets of the room hold
         self.loading: asyncio.Future | None = None  # a read of the room under way
-        self.read_once = False  # the first read is done (its sockets may have been told things since)
+        self.told = False  # a snapshot of `published` has been given out (else a read may replace it)
         self.backlog: list[tuple[int, str, str]] = []  # changes heard while reading
         self.stale = False  # the last read failed: read again
         self.behind: int | None = None  # Redis's number at the last check, when ahead of ours
@@ -222,8 +223,10 @@ class RedisPresence(Presence):
 
     async def snapshot(self, room: str, member: Member) -> str:
         state = self._rooms.get(room)
-        published = state.published if state is not None else PublishedList()
-        return published.with_member(member)
+        if state is None:
+            return PublishedList().with_member(member)
+        state.told = True
+        return state.published.with_member(member)
 
     async def _add(self, room: str, socket_id: str, member: Member) -> bool:
         state = self._rooms.get(room)
@@ -239,8 +242,14 @@ class RedisPresence(Presence):
             self._send("join", room, member)
         else:
             sockets.add(socket_id)
-        if state.loading is not None:
-            await asyncio.shield(state.loading)  # the snapshot comes from the mirror
+        if state.loading is not None and not state.told:
+            # The room's first read: its snapshot comes from it. Bounded, so that a Redis that
+            # does not answer delays a handshake but never stops it (the read's result then
+            # reaches this socket as changes).
+            try:
+                await asyncio.wait_for(asyncio.shield(state.loading), FIRST_READ_WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
         return False  # the change reaches every process, this one too, through the stream
 
     async def _remove(self, room: str, socket_id: str, member: Member) -> bool:
@@ -402,7 +411,7 @@ class RedisPresence(Presence):
             state.stale = False
             state.current = {member["id"]: member for member in members}
             state.seq = int(seq or 0)
-            if not state.read_once:
+            if not state.told:
                 # No socket of this process has been told anything about the room yet.
                 state.published = PublishedList(state.current.values())
             else:
@@ -410,7 +419,6 @@ class RedisPresence(Presence):
                 published = state.published.members
                 for member_id in state.current.keys() ^ published.keys():
                     self._batcher.touch(room, state.current.get(member_id) or published[member_id])
-        state.read_once = True
         state.loading = None
         backlog, state.backlog = state.backlog, []
         for seq_heard, change, member_json in backlog:
