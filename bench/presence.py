@@ -1,6 +1,6 @@
 """Filling one room: handshakes per second as the room grows, and the server's CPU per handshake.
 
-    .venv/bin/python bench/presence.py [--sockets 5000] [--concurrency 20]
+    .venv/bin/python bench/presence.py [--sockets 5000] [--concurrency 20] [--redis]
 
 Starts `python -m chatd` pinned to CPU 0 (taskset) and runs the clients in
 this process pinned to CPU 1. Every socket is a new guest, as in a crowd
@@ -10,7 +10,9 @@ client stays cheap), the namespace CONNECT, the `welcome`; the socket then
 stays in `general`, answering pings and discarding what it receives. Prints,
 for each successive tenth of the room, handshakes per second and the server's
 CPU time per handshake (from /proc, so it does not depend on the client), then
-the server's CPU for half of the room disconnecting at once.
+the server's CPU for half of the room disconnecting at once. With `--redis`,
+chatd runs with a throwaway redis-server (`--redis-url`, so presence is the
+Redis store of chatd/presence/redis.py; Redis's own CPU is not counted).
 """
 
 from __future__ import annotations
@@ -110,15 +112,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sockets", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--redis", action="store_true", help="with a throwaway Redis (presence across processes)")
     args = parser.parse_args()
     os.sched_setaffinity(0, {CLIENT_CPU})
     print(f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}; server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}")
+    redis = None
+    extra: list[str] = []
+    if args.redis:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from redis_service import start_redis
+
+        redis = start_redis()
+        extra = ["--redis-url", redis.url]
+        print(f"with Redis at {redis.url} (presence: chatd/presence/redis.py)")
     with tempfile.TemporaryDirectory() as data_dir:
         port = free_port()
         server = subprocess.Popen(
             ["taskset", "-c", str(SERVER_CPU), sys.executable, "-m", "chatd", "--port", str(port),
-             "--data-dir", data_dir, "--log-level", "warning"],
+             "--data-dir", data_dir, "--log-level", "warning", *extra],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -129,6 +141,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
+            if redis is not None:
+                redis.stop()
 
 
 if __name__ == "__main__":

@@ -326,8 +326,10 @@ class Realtime:
         return history, await self.presence.snapshot(room, member)
 
     async def _publish_presence(self, room: str, joins: list[Member], leaves: list[Member]) -> None:
-        """One `presence` event to every socket of a room (on every process, through the manager)."""
-        await self.sio.emit("presence", {"room": room, "joins": joins, "leaves": leaves}, room=chat_room(room))
+        """One `presence` event to this process's sockets of a room: with several processes, each
+        computes its own sockets' events from Redis's stream of changes (presence/redis.py)."""
+        event = {"room": room, "joins": joins, "leaves": leaves}
+        await self.sio.emit("presence", event, room=chat_room(room), ignore_queue=True)
 
     async def _history_until(self, room: str, watermark: int | None) -> list[dict]:
         """The latest messages up to `watermark`, the last id this process delivered to the room."""

@@ -32,6 +32,7 @@ from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
 from .limits.redis import RedisChatRateLimiter, RedisLoginThrottle
 from .metrics import Metrics
 from .presence.memory import MemoryPresence
+from .presence.redis import RedisPresence
 from .realtime import Realtime
 from .sessions import Identity, SessionCookieStorage, guest_name, issue_session, read_session
 from .storage import Storage, StorageError
@@ -356,12 +357,14 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
     app[METRICS] = metrics
     app[STORAGE] = storage
     app[ACCOUNTS] = Accounts(storage)
-    # One process keeps its limits in memory; several share them, and their broadcasts, through Redis.
+    # One process keeps its limits and presence in memory; several share them, and their broadcasts, through Redis.
     rate_limiter: ChatRateLimiter
     client_manager = None
+    presence = MemoryPresence
     if config.redis_url:
         app[REDIS] = Redis.from_url(config.redis_url)
         app[CLIENT_MANAGER] = client_manager = RedisClientManager(config.redis_url)
+        presence = functools.partial(RedisPresence, redis=app[REDIS])
         rate_limiter = RedisChatRateLimiter(app[REDIS], config.chat_burst, config.chat_rate)
         app[LOGIN_THROTTLE] = RedisLoginThrottle(app[REDIS])
         app.cleanup_ctx.append(_redis_lifetime)
@@ -370,7 +373,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         app[LOGIN_THROTTLE] = MemoryLoginThrottle()
     app[REALTIME] = Realtime(
         storage=storage,
-        presence=MemoryPresence,
+        presence=presence,
         rate_limiter=rate_limiter,
         origin_allowed=functools.partial(_socket_origin_allowed, metrics),
         metrics=metrics,
@@ -417,6 +420,7 @@ async def _redis_lifetime(app: web.Application) -> AsyncIterator[None]:
     try:
         await app[REDIS].ping()
         await app[CLIENT_MANAGER].start()
+        await app[REALTIME].presence.start()
     except (RedisError, OSError) as exc:
         await app[CLIENT_MANAGER].close()
         await app[REDIS].aclose()

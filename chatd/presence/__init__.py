@@ -2,8 +2,9 @@
 
 One entry per session (SPEC's Member, `{"id","name","account"}`), present in a
 room while at least one of its sockets is there. `Presence` is the interface;
-`memory.MemoryPresence` keeps it in this process, and a Redis version will
-share it across processes by swapping the store only. The parts:
+`memory.MemoryPresence` keeps it in this process, `redis.RedisPresence` shares
+it between processes (each process mirrors the rooms it has sockets in, fed by
+Redis's stream of membership changes; see that module). The parts:
 
 - the store records each socket's joins and leaves and says when a session's
   membership changed (`_add`, `_remove`);
@@ -59,6 +60,9 @@ class Presence(abc.ABC):
         """The room's `online` list as JSON text: its last published state, plus `member`
         (the caller), sorted as SPEC says."""
 
+    async def start(self) -> None:
+        """Before serving: a backend that needs to reach something does it here."""
+
     async def close(self) -> None:
         """Stop publishing (shutdown): pending changes are dropped with the sockets."""
         await self._batcher.close()
@@ -67,7 +71,9 @@ class Presence(abc.ABC):
 
     @abc.abstractmethod
     async def _add(self, room: str, socket_id: str, member: Member) -> bool:
-        """Record a socket in a room; True when its session was not there before."""
+        """Record a socket in a room; True when its session was not there before.
+        (The Redis store always says False: it hears every change, its own too, from
+        Redis, and touches the batcher then.)"""
 
     @abc.abstractmethod
     async def _remove(self, room: str, socket_id: str, member: Member) -> bool:

@@ -1,81 +1,20 @@
 """Presence kept in this process.
 
 Per room: the current sockets of each session, and the *published* state — the
-members every socket of the room knows about — kept sorted (SPEC's order) in
-two parallel lists, with each member's JSON made once. The published list's
-JSON is joined at most once per published change and reused by every snapshot
-until the next one, so a handshake into a room of thousands copies text
-instead of encoding thousands of members.
+members every socket of the room knows about (`published.PublishedList`: kept
+sorted, its JSON made once per published change and reused by every snapshot).
 """
 
 from __future__ import annotations
 
-import itertools
-from bisect import bisect_left
-
-import orjson
-
 from . import Member, Presence, Publish, sort_key
-
-
-class _Published:
-    """A room's published members, sorted, with their JSON."""
-
-    def __init__(self) -> None:
-        self.keys: list[tuple[str, str]] = []  # sort_key of each member, sorted
-        self.fragments: list[str] = []  # each member's JSON, in the same order
-        self.ids: set[str] = set()
-        self._encoded: str | None = None
-        self._offsets: list[int] | None = None
-
-    def add(self, member: Member) -> None:
-        key = sort_key(member)
-        index = bisect_left(self.keys, key)
-        self.keys.insert(index, key)
-        self.fragments.insert(index, _json(member))
-        self.ids.add(member["id"])
-        self._encoded = self._offsets = None
-
-    def discard(self, member: Member) -> None:
-        key = sort_key(member)
-        index = bisect_left(self.keys, key)
-        if index < len(self.keys) and self.keys[index] == key:
-            del self.keys[index], self.fragments[index]
-            self.ids.discard(member["id"])
-            self._encoded = self._offsets = None
-
-    @property
-    def encoded(self) -> str:
-        if self._encoded is None:
-            self._encoded = "[" + ",".join(self.fragments) + "]"
-        return self._encoded
-
-    def with_member(self, member: Member) -> str:
-        """The JSON list with `member` in its place; the cached text when it is there already."""
-        if member["id"] in self.ids:
-            return self.encoded
-        fragment = _json(member)
-        index = bisect_left(self.keys, sort_key(member))
-        if not self.keys:
-            return "[" + fragment + "]"
-        encoded = self.encoded
-        if index == len(self.keys):
-            return "".join((encoded[:-1], ",", fragment, "]"))
-        if self._offsets is None:
-            # Where each member's JSON starts: after "[" and each earlier member and its ",".
-            self._offsets = list(itertools.accumulate((len(f) + 1 for f in self.fragments), initial=1))
-        at = self._offsets[index]
-        return "".join((encoded[:at], fragment, ",", encoded[at:]))
-
-
-def _json(member: Member) -> str:
-    return orjson.dumps(member).decode("utf-8")
+from .published import PublishedList
 
 
 class _Room:
     def __init__(self) -> None:
         self.sockets: dict[str, set[str]] = {}  # member id -> its sockets in the room, now
-        self.published = _Published()
+        self.published = PublishedList()
 
 
 class MemoryPresence(Presence):
@@ -85,7 +24,7 @@ class MemoryPresence(Presence):
 
     async def snapshot(self, room: str, member: Member) -> str:
         state = self._rooms.get(room)
-        published = state.published if state is not None else _Published()
+        published = state.published if state is not None else PublishedList()
         return published.with_member(member)
 
     async def _add(self, room: str, socket_id: str, member: Member) -> bool:
@@ -117,14 +56,14 @@ class MemoryPresence(Presence):
         joins, leaves = [], []
         published = state.published
         for member_id, member in touched.items():
-            online, shown = member_id in state.sockets, member_id in published.ids
+            online, shown = member_id in state.sockets, member_id in published.members
             if online and not shown:
                 published.add(member)
                 joins.append(member)
             elif shown and not online:
-                published.discard(member)
+                published.discard(member_id)
                 leaves.append(member)
-        if not state.sockets and not published.ids:
+        if not state.sockets and not published.members:
             del self._rooms[room]
         return sorted(joins, key=sort_key), sorted(leaves, key=sort_key)
 
