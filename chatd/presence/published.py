@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from typing import Iterable
+from typing import Callable, Iterable
 
 import orjson
 
@@ -45,6 +45,24 @@ class PublishedList:
         if index < len(self.keys) and self.keys[index] == key:
             del self.keys[index], self.fragments[index]
         self._encoded = self._offsets = None
+
+    def settle(
+        self, touched: dict[str, Member], now: Callable[[str], Member | None]
+    ) -> tuple[list[Member], list[Member]]:
+        """Bring the list up to date for the sessions that changed; the joins and leaves, sorted.
+
+        `now(member_id)` is the member as the store has it now, or None when it is gone.
+        """
+        joins, leaves = [], []
+        for member_id, member in touched.items():
+            current, shown = now(member_id), member_id in self.members
+            if current is not None and not shown:
+                self.add(current)
+                joins.append(current)
+            elif shown and current is None:
+                self.discard(member_id)
+                leaves.append(member)
+        return sorted(joins, key=sort_key), sorted(leaves, key=sort_key)
 
     @property
     def encoded(self) -> str:

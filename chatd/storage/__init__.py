@@ -19,6 +19,22 @@ HISTORY_DEFAULT = 50
 HISTORY_MAX = 100
 MAX_ID = 2**63 - 1
 
+HISTORY_COLUMNS = "room, id, name, account, msg, ts"
+
+
+def history_query(room: str, before: int | None, after: int | None, limit: int) -> tuple[str, tuple, bool]:
+    """The one paging rule of `history`, for every backend.
+
+    The SQL with `{}` for each parameter (a backend fills in its own marks), its
+    arguments, and whether the rows come newest first and must be reversed.
+    """
+    select = f"SELECT {HISTORY_COLUMNS} FROM messages WHERE room = {{}}"
+    if after is not None:
+        return f"{select} AND id > {{}} ORDER BY id ASC LIMIT {{}}", (room, after, limit), False
+    if before is not None:
+        return f"{select} AND id < {{}} ORDER BY id DESC LIMIT {{}}", (room, before, limit), True
+    return f"{select} ORDER BY id DESC LIMIT {{}}", (room, limit), True
+
 # Every table's columns, in the order `dump` yields and `load` takes them (copy-data).
 TABLES: dict[str, tuple[str, ...]] = {
     "accounts": ("username", "username_key", "password_hash", "created"),

@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import asyncpg
 from yarl import URL
 
-from . import HISTORY_DEFAULT, PRIMARY_KEYS, TABLES, Account, Storage, StorageError
+from . import HISTORY_DEFAULT, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
 from .group_commit import GroupCommit
 
 CONNECT_SECONDS = 5.0
@@ -191,19 +191,11 @@ class PostgresStorage(Storage):
     async def history(
         self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
     ) -> list[dict]:
-        columns = "room, id, name, account, msg, ts"
-        if after is not None:
-            sql = f"SELECT {columns} FROM messages WHERE room = $1 AND id > $2 ORDER BY id ASC LIMIT $3"
-            args: tuple = (room, after, limit)
-        elif before is not None:
-            sql = f"SELECT {columns} FROM messages WHERE room = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
-            args = (room, before, limit)
-        else:
-            sql = f"SELECT {columns} FROM messages WHERE room = $1 ORDER BY id DESC LIMIT $2"
-            args = (room, limit)
+        template, args, newest_first = history_query(room, before, after, limit)
+        sql = template.format(*(f"${i}" for i in range(1, len(args) + 1)))
         async with self._connection() as conn:
             rows = [_message(r) for r in await conn.fetch(sql, *args)]
-        if after is None:
+        if newest_first:
             rows.reverse()
         return rows
 

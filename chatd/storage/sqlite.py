@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 import aiosqlite
 
-from . import HISTORY_DEFAULT, MAX_ID, PRIMARY_KEYS, TABLES, Account, Storage, StorageError
+from . import HISTORY_DEFAULT, MAX_ID, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
 from .group_commit import GroupCommit
 
 LOCK_FILE_NAME = "chatd.lock"
@@ -255,19 +255,11 @@ class SqliteStorage(Storage):
     async def history(
         self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
     ) -> list[dict]:
-        columns = "room, id, name, account, msg, ts"
-        if after is not None:
-            sql = f"SELECT {columns} FROM messages WHERE room = ? AND id > ? ORDER BY id ASC LIMIT ?"
-            args: tuple = (room, after, limit)
-        elif before is not None:
-            sql = f"SELECT {columns} FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?"
-            args = (room, before, limit)
-        else:
-            sql = f"SELECT {columns} FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
-            args = (room, limit)
+        template, args, newest_first = history_query(room, before, after, limit)
+        sql = template.format(*("?" * len(args)))
         async with self._turn, self.db.execute(sql, args) as cur:
             rows = [_message(r) for r in await cur.fetchall()]
-        if after is None:
+        if newest_first:
             rows.reverse()
         return rows
 
