@@ -7,7 +7,7 @@ sorted, its JSON made once per published change and reused by every snapshot).
 
 from __future__ import annotations
 
-from . import Member, Presence, Publish, sort_key
+from . import Member, Presence, Publish
 from .published import PublishedList
 
 
@@ -53,19 +53,10 @@ class MemoryPresence(Presence):
         state = self._rooms.get(room)
         if state is None:
             return [], []
-        joins, leaves = [], []
-        published = state.published
-        for member_id, member in touched.items():
-            online, shown = member_id in state.sockets, member_id in published.members
-            if online and not shown:
-                published.add(member)
-                joins.append(member)
-            elif shown and not online:
-                published.discard(member_id)
-                leaves.append(member)
-        if not state.sockets and not published.members:
+        changes = state.published.settle(touched, lambda id_: touched[id_] if id_ in state.sockets else None)
+        if not state.sockets and not state.published.members:
             del self._rooms[room]
-        return sorted(joins, key=sort_key), sorted(leaves, key=sort_key)
+        return changes
 
     def _size(self, room: str) -> int:
         state = self._rooms.get(room)

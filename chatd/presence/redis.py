@@ -59,7 +59,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from . import Member, Presence, Publish, sort_key
+from . import Member, Presence, Publish
 from .published import PublishedList
 
 log = logging.getLogger("chatd.presence")
@@ -269,17 +269,7 @@ class RedisPresence(Presence):
         state = self._rooms.get(room)
         if state is None:
             return [], []
-        joins, leaves = [], []
-        published = state.published
-        for member_id, member in touched.items():
-            now, shown = state.current.get(member_id), member_id in published.members
-            if now is not None and not shown:
-                published.add(now)
-                joins.append(now)
-            elif shown and now is None:
-                published.discard(member_id)
-                leaves.append(member)
-        return sorted(joins, key=sort_key), sorted(leaves, key=sort_key)
+        return state.published.settle(touched, state.current.get)
 
     def _size(self, room: str) -> int:
         state = self._rooms.get(room)
