@@ -1,4 +1,4 @@
-"""`Storage` on SQLite: one aiosqlite connection (its own thread, so disk work never runs on the event loop).
+"""`Storage` on SQLite: an aiosqlite connection, and a writer thread for messages (disk work never runs on the event loop).
 
 One process owns a data dir (a lock file held while the storage is open), so
 the revoked-session set can live in memory too: `is_revoked` never leaves the loop.
@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -116,11 +117,90 @@ def _message(row: sqlite3.Row | tuple) -> dict:
     return {"id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts}
 
 
+class _MessageWriter:
+    """Messages are written by one thread of their own, on a connection of their own.
+
+    A batch is one trip to that thread (BEGIN, counters, rows, COMMIT), where
+    aiosqlite would take one trip per statement and per fetch; on a busy core
+    each trip costs a context switch, and a message is not broadcast before its
+    commit. The other connection never sees a batch's rows before they commit.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatd-sqlite-writer")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    async def insert(self, messages: list[dict]) -> list[dict]:
+        return await self._run(self._insert, messages)
+
+    async def close(self) -> None:
+        try:
+            await self._run(self._close)
+        finally:
+            self._thread.shutdown(wait=False)
+
+    async def _run(self, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from None
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before its messages are acked
+        self._conn = conn
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _insert(self, messages: list[dict]) -> list[dict]:
+        conn = self._conn
+        if conn is None:
+            raise StorageError("storage is not open")
+        counts: dict[str, int] = {}
+        for message in messages:
+            counts[message["room"]] = counts.get(message["room"], 0) + 1
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            next_id: dict[str, int] = {}
+            for room, count in counts.items():
+                (last_id,) = conn.execute(
+                    "INSERT INTO room_counters (room, last_id) VALUES (?, ?) "
+                    "ON CONFLICT (room) DO UPDATE SET last_id = last_id + excluded.last_id RETURNING last_id",
+                    (room, count),
+                ).fetchone()
+                if not isinstance(last_id, int) or last_id > MAX_ID:  # SQLite turns an overflow into a float
+                    raise StorageError(f"room {room!r} has used up its message ids")
+                next_id[room] = last_id - count + 1
+            stored = []
+            for message in messages:
+                stored.append({"id": next_id[message["room"]], **message})
+                next_id[message["room"]] += 1
+            conn.executemany(
+                "INSERT INTO messages (room, id, name, account, msg, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                [(m["room"], m["id"], m["name"], m["account"], m["msg"], m["ts"]) for m in stored],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return stored
+
+
 class SqliteStorage(Storage):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._owner: _DataDirOwner | None = None
+        self._writer: _MessageWriter | None = None
         self._group_commit = GroupCommit(self._insert_batch)
         # One connection: a statement issued while a batch's transaction is open would
         # join it (and a read would see rows not yet committed). Every use takes turns.
@@ -146,6 +226,8 @@ class SqliteStorage(Storage):
                 await self.db.execute("PRAGMA synchronous=FULL")
                 await self._migrate()
                 await self._load_revoked()
+                self._writer = _MessageWriter(self.path)
+                await self._writer.open()
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StorageError(f"cannot open database {self.path}: {exc}") from None
@@ -197,6 +279,9 @@ class SqliteStorage(Storage):
 
     async def close(self) -> None:
         await self._group_commit.drain()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer.close()
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -217,40 +302,10 @@ class SqliteStorage(Storage):
         return await self._group_commit.submit({"room": room, "name": name, "account": account, "msg": msg, "ts": ts})
 
     async def _insert_batch(self, messages: list[dict]) -> list[dict]:
-        """One transaction for everything that arrived together; ids from each room's counter."""
-        counts: dict[str, int] = {}
-        for message in messages:
-            counts[message["room"]] = counts.get(message["room"], 0) + 1
-        async with self._turn:
-            return await self._insert_batch_now(messages, counts)
-
-    async def _insert_batch_now(self, messages: list[dict], counts: dict[str, int]) -> list[dict]:
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            next_id: dict[str, int] = {}
-            for room, count in counts.items():
-                async with self.db.execute(
-                    "INSERT INTO room_counters (room, last_id) VALUES (?, ?) "
-                    "ON CONFLICT (room) DO UPDATE SET last_id = last_id + excluded.last_id RETURNING last_id",
-                    (room, count),
-                ) as cur:
-                    (last_id,) = await cur.fetchone()
-                if not isinstance(last_id, int) or last_id > MAX_ID:  # SQLite turns an overflow into a float
-                    raise StorageError(f"room {room!r} has used up its message ids")
-                next_id[room] = last_id - count + 1
-            stored = []
-            for message in messages:
-                stored.append({"id": next_id[message["room"]], **message})
-                next_id[message["room"]] += 1
-            await self.db.executemany(
-                "INSERT INTO messages (room, id, name, account, msg, ts) VALUES (?, ?, ?, ?, ?, ?)",
-                [(m["room"], m["id"], m["name"], m["account"], m["msg"], m["ts"]) for m in stored],
-            )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
-        return stored
+        """One transaction for everything that arrived together, in one trip to the writer thread."""
+        if self._writer is None:
+            raise StorageError("storage is not open")
+        return await self._writer.insert(messages)
 
     async def history(
         self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
