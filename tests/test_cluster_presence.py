@@ -510,7 +510,7 @@ async def test_holds_are_counted_per_process_and_a_batch_sent_twice_changes_noth
         await asyncio.sleep(0.2)
         assert heard == {"p": [("general", ["member-x"], [])], "q": [("general", ["member-x"], [])]}
         assert await redis.hgetall(f"{PREFIX}room:general:holders") == {b"member-x": b"2"}
-        assert await q.snapshot("general", {"id": "new", "name": "y", "account": None}) == (
+        assert (await q.snapshot("general", {"id": "new", "name": "y", "account": None})).text == (
             '[{"id":"member-x","name":"x","account":null},{"id":"new","name":"y","account":null}]'
         )
         # p's join sent again, then p's leave twice: p's hold counts once, and is given back once.

@@ -13,7 +13,8 @@ Redis's stream of membership changes; see that module). The parts:
   state, which becomes the new published state) and publishes them through the
   callback realtime.py gives, which emits one `presence` event to the room;
 - `snapshot` reads the published state of a room, already JSON-encoded (cached
-  until the next change is published), plus the caller itself.
+  until the next change is published), plus the caller itself, as a
+  `published.Snapshot`: pieces of the cached bytes, never copied per caller.
 
 Why the snapshot is the *published* state and not the latest one: every socket
 of the room holds exactly that state (it received the same events), so the
@@ -26,9 +27,12 @@ own entry is spliced in, so a welcome always lists the socket's own session.
 from __future__ import annotations
 
 import abc
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from .batching import ChangeBatcher
+
+if TYPE_CHECKING:  # published.py imports this module
+    from .published import Snapshot
 
 Member = dict  # {"id": str, "name": str, "account": str | None}
 # publish(room, joins, leaves): one `presence` event to every socket of the room.
@@ -56,8 +60,8 @@ class Presence(abc.ABC):
             self._batcher.touch(room, member)
 
     @abc.abstractmethod
-    async def snapshot(self, room: str, member: Member) -> str:
-        """The room's `online` list as JSON text: its last published state, plus `member`
+    async def snapshot(self, room: str, member: Member) -> Snapshot:
+        """The room's `online` list as JSON (bytes in pieces): its last published state, plus `member`
         (the caller), sorted as SPEC says."""
 
     async def start(self) -> None:

@@ -8,7 +8,7 @@ sorted, its JSON made once per published change and reused by every snapshot).
 from __future__ import annotations
 
 from . import Member, Presence, Publish
-from .published import PublishedList
+from .published import PublishedList, Snapshot
 
 
 class _Room:
@@ -22,7 +22,7 @@ class MemoryPresence(Presence):
         super().__init__(publish)
         self._rooms: dict[str, _Room] = {}
 
-    async def snapshot(self, room: str, member: Member) -> str:
+    async def snapshot(self, room: str, member: Member) -> Snapshot:
         state = self._rooms.get(room)
         published = state.published if state is not None else PublishedList()
         return published.with_member(member)

@@ -3,7 +3,9 @@
 Sorted in SPEC's order in two parallel lists, with each member's JSON made
 once. The list's JSON is joined at most once per published change and reused
 by every snapshot until the next one, so a handshake into a room of thousands
-copies text instead of encoding thousands of members. Shared by every backend.
+neither encodes thousands of members nor copies their text: a snapshot is the
+cached bytes in pieces (`Snapshot`), written to the socket as they are.
+Shared by every backend.
 """
 
 from __future__ import annotations
@@ -17,15 +19,31 @@ import orjson
 from . import Member, sort_key
 
 
+class Snapshot:
+    """A room's online list as JSON, in pieces: slices of the cached list and the caller's entry."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.parts).decode("utf-8")
+
+
 class PublishedList:
     """A room's published members, sorted, with their JSON."""
 
     def __init__(self, members: Iterable[Member] = ()) -> None:
         ordered = sorted(members, key=sort_key)  # one sort, not an insertion per member
         self.keys: list[tuple[str, str]] = [sort_key(m) for m in ordered]  # sorted
-        self.fragments: list[str] = [_json(m) for m in ordered]  # each member's JSON, in the same order
+        self.fragments: list[bytes] = [_json(m) for m in ordered]  # each member's JSON, in the same order
         self.members: dict[str, Member] = {m["id"]: m for m in ordered}
-        self._encoded: str | None = None
+        self._encoded: bytes | None = None
         self._offsets: list[int] | None = None
 
     def add(self, member: Member) -> None:
@@ -65,28 +83,28 @@ class PublishedList:
         return sorted(joins, key=sort_key), sorted(leaves, key=sort_key)
 
     @property
-    def encoded(self) -> str:
+    def encoded(self) -> bytes:
         if self._encoded is None:
-            self._encoded = "[" + ",".join(self.fragments) + "]"
+            self._encoded = b"[" + b",".join(self.fragments) + b"]"
         return self._encoded
 
-    def with_member(self, member: Member) -> str:
-        """The JSON list with `member` in its place; the cached text when it is there already."""
+    def with_member(self, member: Member) -> Snapshot:
+        """The list with `member` in its place: the cached bytes, cut where it goes (no copy)."""
         if member["id"] in self.members:
-            return self.encoded
+            return Snapshot((self.encoded,))
         fragment = _json(member)
-        index = bisect_left(self.keys, sort_key(member))
         if not self.keys:
-            return "[" + fragment + "]"
-        encoded = self.encoded
+            return Snapshot((b"[", fragment, b"]"))
+        index = bisect_left(self.keys, sort_key(member))
+        encoded = memoryview(self.encoded)
         if index == len(self.keys):
-            return "".join((encoded[:-1], ",", fragment, "]"))
+            return Snapshot((encoded[:-1], b",", fragment, b"]"))
         if self._offsets is None:
             # Where each member's JSON starts: after "[" and each earlier member and its ",".
             self._offsets = list(itertools.accumulate((len(f) + 1 for f in self.fragments), initial=1))
         at = self._offsets[index]
-        return "".join((encoded[:at], fragment, ",", encoded[at:]))
+        return Snapshot((encoded[:at], fragment, b",", encoded[at:]))
 
 
-def _json(member: Member) -> str:
-    return orjson.dumps(member).decode("utf-8")
+def _json(member: Member) -> bytes:
+    return orjson.dumps(member)

@@ -60,7 +60,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from . import Member, Presence, Publish
-from .published import PublishedList
+from .published import PublishedList, Snapshot
 
 log = logging.getLogger("chatd.presence")
 
@@ -221,7 +221,7 @@ class RedisPresence(Presence):
 
     # -- the store ----------------------------------------------------------
 
-    async def snapshot(self, room: str, member: Member) -> str:
+    async def snapshot(self, room: str, member: Member) -> Snapshot:
         state = self._rooms.get(room)
         if state is None:
             return PublishedList().with_member(member)
