@@ -22,6 +22,7 @@ access_log = logging.getLogger("chatd.access")
 
 SHUTDOWN_SECONDS = 3.0  # SPEC: exit within 5 s of SIGTERM/SIGINT
 GC_THRESHOLDS = (10_000, 10, 10)  # Python's default is (700, 10, 10)
+SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +106,9 @@ async def serve(config: Config) -> None:
         # A broadcast or a handshake allocates thousands of short-lived containers;
         # at the default 700 the collector runs mid-burst, often (bench/run.py).
         gc.set_threshold(*GC_THRESHOLDS)
+        # A storage or hashing thread that wakes while the loop is busy (a broadcast to
+        # thousands) waits for the GIL up to this long; Python's default is 5 ms.
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         await stop.wait()
         log.info("shutting down")
     finally:

@@ -53,7 +53,7 @@ import asyncio
 import logging
 import struct
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable, Sequence
 
 import engineio
 import socketio
@@ -77,12 +77,15 @@ def websocket_frame(data: str | bytes) -> bytes:
         first, payload = _FIN | _TEXT, data.encode("utf-8")
     else:
         first, payload = _FIN | _BINARY, bytes(data)
-    n = len(payload)
+    return frame_header(first, len(payload)) + payload
+
+
+def frame_header(first: int, n: int) -> bytes:
     if n < 126:
-        return struct.pack("!BB", first, n) + payload
+        return struct.pack("!BB", first, n)
     if n < 65536:
-        return struct.pack("!BBH", first, 126, n) + payload
-    return struct.pack("!BBQ", first, 127, n) + payload
+        return struct.pack("!BBH", first, 126, n)
+    return struct.pack("!BBQ", first, 127, n)
 
 
 class DirectWebSocket(EngineWebSocket):
@@ -97,12 +100,14 @@ class DirectWebSocket(EngineWebSocket):
     """
 
     compression = False  # set per server by `EngineServer`
+    flusher: "Flusher"  # one per server, set by `EngineServer`
 
     def __init__(self, handler, server) -> None:
         super().__init__(handler, server)
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] | None = None  # frames written this event-loop turn
+        # None: nothing written this event-loop turn; else what waits for the turn's end
+        self._pending: list[bytes | memoryview] | None = None
         self.raw = False  # frames go straight to the transport
         self.direct = False  # the socket is a DirectSocket writing through us
 
@@ -139,24 +144,54 @@ class DirectWebSocket(EngineWebSocket):
         return self.transport is not None and not self.transport.is_closing() and not self._sock.closed
 
     def write(self, frame: bytes) -> None:
-        """Queue a frame for the end of this event-loop turn.
+        """Write a frame: now when the server is quiet, else at the end of this event-loop turn.
 
-        Frames written in one turn (several broadcasts finishing together under
-        load) leave in one socket write: a loopback or network write costs far
-        more than joining bytes. Order is kept; nothing waits longer than the turn.
+        Quiet (no frames in the last few milliseconds), the turn's first frame
+        leaves at once: a lone message reaches the first of a room's thousand
+        sockets without waiting for the last to be handled. Busy, and for any
+        later frame of the same turn, frames are held and leave in one socket
+        write when the turn ends: under load several broadcasts finish in one
+        turn, and a write costs far more than joining bytes. Order is kept;
+        nothing waits longer than the turn.
         """
         if not self.writable():
             raise ConnectionResetError("the websocket is closed")
-        if self._pending is None:
-            self._pending = [frame]
-            self._loop.call_soon(self.flush)
+        if self._pending is None:  # (write_parts, inlined: a broadcast calls this per socket)
+            if self.flusher.add(self):
+                self._pending = []
+                self.transport.write(frame)
+            else:
+                self._pending = [frame]
         else:
             self._pending.append(frame)
+
+    def write_text(self, parts: Iterable[bytes | memoryview]) -> None:
+        """`write` of one text frame whose UTF-8 payload is `parts`, which are not copied."""
+        parts = list(parts)
+        self.write_parts([frame_header(_FIN | _TEXT, sum(len(part) for part in parts)), *parts])
+
+    def write_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        if not self.writable():
+            raise ConnectionResetError("the websocket is closed")
+        if self._pending is None:
+            if self.flusher.add(self):
+                self._pending = []  # written this turn: what follows waits for the flush
+                self._send(parts)
+            else:
+                self._pending = list(parts)
+        else:
+            self._pending.extend(parts)
 
     def flush(self) -> None:
         frames, self._pending = self._pending, None
         if frames and self.writable():
-            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            self._send(frames)
+
+    def _send(self, parts: Sequence[bytes | memoryview]) -> None:
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        else:  # one system call (writev), no joining copy
+            self.transport.writelines(parts)
 
     async def close(self) -> None:
         self.flush()  # what was written goes before the close frame
@@ -167,6 +202,39 @@ class DirectWebSocket(EngineWebSocket):
             self.write(websocket_frame(message))
         else:
             await super().send(message)
+
+
+class Flusher:
+    """Flushes, at the end of the event-loop turn, every websocket written to in it.
+
+    One callback for a broadcast to thousands of sockets, not one per socket.
+    It also tells whether this turn's first frames may be written at once: yes
+    when no turn has flushed in the last QUIET_SECONDS (see `DirectWebSocket.write`).
+    """
+
+    QUIET_SECONDS = 0.002
+
+    def __init__(self) -> None:
+        self._written: list[DirectWebSocket] = []
+        self._quiet = True
+        self._last_flush = 0.0
+
+    def add(self, ws: "DirectWebSocket") -> bool:
+        """Flush `ws` at the end of this turn; True when it may write its first frame now."""
+        if not self._written:
+            self._quiet = time.monotonic() - self._last_flush > self.QUIET_SECONDS
+            ws._loop.call_soon(self._flush_all)
+        self._written.append(ws)
+        return self._quiet
+
+    def _flush_all(self) -> None:
+        written, self._written = self._written, []
+        for ws in written:
+            try:
+                ws.flush()
+            except Exception:  # one broken transport must not keep the others' frames
+                log.debug("could not flush a websocket", exc_info=True)
+        self._last_flush = time.monotonic()
 
 
 class DirectSocket(AsyncSocket):
@@ -257,7 +325,9 @@ class EngineServer(engineio.AsyncServer):
 
     def __init__(self, *args, websocket_compression: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        websocket = type("DirectWebSocket", (DirectWebSocket,), {"compression": websocket_compression})
+        websocket = type(
+            "DirectWebSocket", (DirectWebSocket,), {"compression": websocket_compression, "flusher": Flusher()}
+        )
         self._async = {**self._async, "websocket": websocket}
         # Set by the Socket.IO side: the Socket.IO CONNECT_ERROR packet (encoded) that a
         # handshake will get, known from its request alone, or None to connect as usual.
