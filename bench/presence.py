@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/presence.py [--sockets 5000] [--concurrency 20] [--redis]
 
-Starts `python -m chatd` pinned to CPU 0 (taskset) and runs the clients in
-this process pinned to CPU 1. Every socket is a new guest, as in a crowd
-arriving: GET / (the page, which issues the session cookie), then a websocket
-to /socket.io/ (Engine.IO v4 spoken by hand: no Socket.IO client, so the
-client stays cheap), the namespace CONNECT, the `welcome`; the socket then
-stays in `general`, answering pings and discarding what it receives. Prints,
+Starts `python -m chatd` pinned to CPU 0 (taskset) and the clients pinned to
+CPU 1: the load generator of `make bench` (bench/loadgen, Node and `ws`; run
+`make bench` or `npm ci` there once), which speaks Engine.IO v4 by hand and
+drops what it does not need unread, so the client is not the bottleneck (a
+Python client on CPU 1 was: reading every socket's presence frames, it
+saturated its core while chatd's was not). Every socket is a new guest, as
+in a crowd arriving: GET / (the page, which issues the session cookie), then
+a websocket to /socket.io/, the namespace CONNECT, the `welcome`; the socket
+then stays in `general`, answering pings. Prints,
 for each successive tenth of the room, handshakes per second and the server's
 CPU time per handshake (from /proc, so it does not depend on the client), then
 the server's CPU for half of the room disconnecting at once. With `--redis`,
@@ -18,7 +21,7 @@ Redis store of chatd/presence/redis.py; Redis's own CPU is not counted).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
 import platform
 import socket
@@ -28,9 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-
 ROOT = Path(__file__).resolve().parent.parent
+LOADGEN = ROOT / "bench" / "loadgen" / "loadgen.js"
 SERVER_CPU, CLIENT_CPU = 0, 1
 
 
@@ -46,66 +48,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def discard(ws: aiohttp.ClientWebSocketResponse) -> None:
-    """Keep a socket alive: answer Engine.IO pings, drop everything else."""
-    async for frame in ws:
-        if frame.type != aiohttp.WSMsgType.TEXT:
-            return
-        if frame.data == "2":
-            await ws.send_str("3")
-
-
-async def handshake(http: aiohttp.ClientSession, base: str, ws_url: str) -> aiohttp.ClientWebSocketResponse:
-    async with http.get(base + "/") as response:
-        await response.read()
-        cookie = response.cookies["chatd_session"].value
-    ws = await http.ws_connect(ws_url, headers={"Cookie": f"chatd_session={cookie}"}, compress=0)
-    assert (await ws.receive_str()).startswith("0{")
-    await ws.send_str("40")
-    while not (await ws.receive_str()).startswith("40"):
-        pass  # `welcome` (and perhaps a `presence`) come before the CONNECT answer
-    return ws
-
-
-async def fill(base: str, sockets: int, concurrency: int, pid: int) -> None:
-    tenth = sockets // 10
-    ws_url = base.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as http:
-        open_sockets: list[aiohttp.ClientWebSocketResponse] = []
-        readers: list[asyncio.Task] = []
-        started = done = 0
-        marks = [(time.monotonic(), cpu_seconds(pid))]
-
-        async def worker() -> None:
-            nonlocal started, done
-            while started < sockets:
-                started += 1
-                ws = await handshake(http, base, ws_url)
-                open_sockets.append(ws)
-                readers.append(asyncio.ensure_future(discard(ws)))
-                done += 1
-                if done % tenth == 0:
-                    marks.append((time.monotonic(), cpu_seconds(pid)))
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        print(f"{'sockets in the room':>22} {'handshakes/s':>13} {'server CPU/handshake':>21}")
-        for i in range(1, len(marks)):
-            (t0, c0), (t1, c1) = marks[i - 1], marks[i]
-            label = f"{(i - 1) * tenth}–{i * tenth}"
-            print(f"{label:>22} {tenth / (t1 - t0):13.0f} {1000 * (c1 - c0) / tenth:18.2f} ms", flush=True)
-        first, last = marks[1][0] - marks[0][0], marks[-1][0] - marks[-2][0]
-        print(f"last tenth / first tenth: {first / last:.2f}")
-
-        await asyncio.sleep(2.0)  # the last presence batches go out
-        half = len(open_sockets) // 2
-        cpu_before = cpu_seconds(pid)
-        for ws in open_sockets[:half]:
-            ws._response.connection.transport.abort()  # dropped at once, as when a network goes
-        await asyncio.sleep(3.0)
-        print(f"{half} sockets dropping at once: {cpu_seconds(pid) - cpu_before:.2f} s server CPU in all")
-        for reader in readers:
-            reader.cancel()
+def fill(base: str, sockets: int, concurrency: int, pid: int) -> None:
+    """The clients: the load generator of `make bench` (Node, `ws`) on CPU 1."""
+    argv = ["taskset", "-c", str(CLIENT_CPU), "node", str(LOADGEN), "fill", "--url", base, "--pid", str(pid),
+            "--sockets", str(sockets), "--concurrency", str(concurrency), "--timeout", "600"]
+    result = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    if "error" in result:
+        raise SystemExit(f"the load generator failed: {result}")
+    print(f"{'sockets in the room':>22} {'handshakes/s':>13} {'server CPU/handshake':>21}")
+    for tenth in result["tenths"]:
+        label = f"{tenth['from']}–{tenth['to']}"
+        print(f"{label:>22} {tenth['handshakes_per_s']:13.0f} {tenth['server_cpu_ms_each']:18.2f} ms")
+    first, last = result["tenths"][0]["handshakes_per_s"], result["tenths"][-1]["handshakes_per_s"]
+    print(f"last tenth / first tenth: {last / first:.2f}")
+    print(f"{result['dropped']} sockets dropping at once: {result['drop_server_cpu_s']:.2f} s server CPU in all")
 
 
 def main() -> None:
@@ -114,7 +70,6 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--redis", action="store_true", help="with a throwaway Redis (presence across processes)")
     args = parser.parse_args()
-    os.sched_setaffinity(0, {CLIENT_CPU})
     print(f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}; server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}")
     redis = None
@@ -137,7 +92,7 @@ def main() -> None:
         )
         try:
             assert "serving on" in server.stdout.readline()
-            asyncio.run(fill(f"http://127.0.0.1:{port}", args.sockets, args.concurrency, server.pid))
+            fill(f"http://127.0.0.1:{port}", args.sockets, args.concurrency, server.pid)
         finally:
             server.terminate()
             server.wait()

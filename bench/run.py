@@ -54,7 +54,7 @@ SCENARIOS = [
     Scenario("fanout-1000", ["fanout", "--sockets", "1000", "--senders", "10", "--seconds", "4"]),
     Scenario("fanout-100-deflate", ["fanout", "--sockets", "100", "--senders", "10", "--seconds", "4", "--deflate"]),
     Scenario("fanout-1000-deflate", ["fanout", "--sockets", "1000", "--senders", "10", "--seconds", "4", "--deflate"]),
-    Scenario("rate-1000", ["rate", "--sockets", "1000", "--rate", "15", "--senders", "15", "--seconds", "6"]),
+    Scenario("rate-1000", ["rate", "--sockets", "1000", "--rate", "15", "--senders", "15", "--seconds", "10"]),
     Scenario("memory-1000", ["memory", "--sockets", "1000", "--settle", "2"]),
     Scenario("memory-2000", ["memory", "--sockets", "2000", "--settle", "2"]),
     Scenario("durable", ["durable", "--sockets", "20", "--seconds", "4"], servers=("chatd",)),
