@@ -60,6 +60,27 @@ async def test_every_transport_gets_every_message_once_in_order(start_chatd, vis
         await client.nothing("new chat", wait=0.1)
 
 
+async def test_lone_messages_and_bursts_mixed_arrive_once_in_order(start_chatd, visitors):
+    """A quiet server writes a turn's first frame at once, a busy one holds frames to the
+    turn's end (DirectWebSocket.write): either way, and switching between them, nothing
+    is lost, doubled or reordered."""
+    base_url = await start_chatd(chat_rate=0)
+    sender = await (await visitors(base_url)).socket()
+    receivers = [await (await visitors(base_url)).socket() for _ in range(3)]
+    ids = []
+    for round_ in range(6):
+        ids.append((await sender.call("send chat", {"msg": f"lone {round_}"}))["id"])
+        await asyncio.sleep(0.02)  # quiet again
+        burst = await asyncio.gather(*(sender.call("send chat", {"msg": f"b{round_}.{i}"}) for i in range(15)))
+        ids.extend(a["id"] for a in burst)
+        await asyncio.sleep(0.02)
+    ids.sort()
+    for client in (sender, *receivers):
+        got = [(await client.next("new chat"))["id"] for _ in ids]
+        assert got == ids
+        await client.nothing("new chat", wait=0.1)
+
+
 async def test_compression_only_when_asked_for(start_chatd):
     for asked in (False, True):
         base_url = await start_chatd(websocket_compression=asked)

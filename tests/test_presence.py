@@ -300,3 +300,35 @@ async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(a
     finally:
         for visitor in visitors_:
             await visitor.close()
+
+
+def test_a_snapshot_is_the_cached_list_cut_where_the_caller_goes():
+    """The welcome's list is written as slices of presence's cached bytes with the caller's
+    entry between them: wherever the caller sorts, the pieces read as the sorted list."""
+    from chatd.presence import sort_key
+    from chatd.presence.published import PublishedList
+
+    def member(name: str, id_: str) -> dict:
+        return {"id": id_, "name": name, "account": None if name.startswith("guest") else name}
+
+    room = [member(name, f"id-{i}") for i, name in enumerate(["bob", "Åsa", "guest-7", "alice", "Carol", "dave"])]
+    published = PublishedList(room)
+    callers = [
+        member("aaron", "first"),  # sorts first
+        member("carl", "middle"),  # between
+        member("zed", "last"),  # after everyone
+        member("bob", "id-00"),  # same name, told apart by id
+        room[3],  # already listed: the cached list as it is
+    ]
+    for caller in callers:
+        snapshot = published.with_member(caller)
+        expected = sorted({m["id"]: m for m in [*room, caller]}.values(), key=sort_key)
+        assert json.loads(snapshot.text) == expected
+        assert len(snapshot) == len(snapshot.text.encode())
+    # An empty room: just the caller.
+    assert json.loads(PublishedList().with_member(callers[0]).text) == [callers[0]]
+    # The cache follows changes.
+    published.add(member("erin", "id-9"))
+    published.discard("id-0")
+    names = [m["name"] for m in json.loads(published.with_member(callers[2]).text)]
+    assert names == ["alice", "Carol", "dave", "erin", "guest-7", "zed", "Åsa"]  # by casefold: "å" > "z"
