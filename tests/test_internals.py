@@ -71,6 +71,14 @@ def test_socketio_manager_emit_is_what_the_mixin_replaces():
     assert "def get_participants(self, namespace, room)" in source(socketio.base_manager.BaseManager)
 
 
+def test_socketio_manager_rooms_layout_we_read():
+    # realtime.py's `_release_rooms` reads a room's size from it instead of walking the room.
+    assert "self.rooms = {}  # self.rooms[namespace][room][sio_sid] = eio_sid" in source(
+        socketio.base_manager.BaseManager.__init__
+    )
+    assert "self.rooms[namespace][room] = bidict()" in source(socketio.base_manager.BaseManager.basic_enter_room)
+
+
 def test_pubsub_managers_deliver_locally_through_the_mixin():
     assert "await super().emit(" in source(AsyncPubSubManager._handle_emit)
 
