@@ -154,16 +154,7 @@ class DirectWebSocket(EngineWebSocket):
         turn, and a write costs far more than joining bytes. Order is kept;
         nothing waits longer than the turn.
         """
-        if not self.writable():
-            raise ConnectionResetError("the websocket is closed")
-        if self._pending is None:  # (write_parts, inlined: a broadcast calls this per socket)
-            if self.flusher.add(self):
-                self._pending = []
-                self.transport.write(frame)
-            else:
-                self._pending = [frame]
-        else:
-            self._pending.append(frame)
+        self.write_parts((frame,))
 
     def write_text(self, parts: Iterable[bytes | memoryview]) -> None:
         """`write` of one text frame whose UTF-8 payload is `parts`, which are not copied."""
@@ -171,6 +162,7 @@ class DirectWebSocket(EngineWebSocket):
         self.write_parts([frame_header(_FIN | _TEXT, sum(len(part) for part in parts)), *parts])
 
     def write_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """`write` of bytes that make up frames, in order, as they are (not copied)."""
         if not self.writable():
             raise ConnectionResetError("the websocket is closed")
         if self._pending is None:

@@ -202,8 +202,9 @@ class SqliteStorage(Storage):
         self._owner: _DataDirOwner | None = None
         self._writer: _MessageWriter | None = None
         self._group_commit = GroupCommit(self._insert_batch)
-        # One connection: a statement issued while a batch's transaction is open would
-        # join it (and a read would see rows not yet committed). Every use takes turns.
+        # The aiosqlite connection is shared: a statement issued while one of its
+        # transactions is open (copy-data's load, clear) would join it. Every use
+        # takes turns. Message batches go through the writer's own connection.
         self._turn = asyncio.Lock()
 
     @property
