@@ -15,7 +15,8 @@ from aiohttp import web
 
 from .config import Config, ConfigError, config_from_args, generate_key, load_secret_keys
 from .storage import StorageError
-from .web import create_app
+from .handshake_gate import GatedAppRunner
+from .web import HANDSHAKE_GATE, create_app
 
 log = logging.getLogger("chatd")
 access_log = logging.getLogger("chatd.access")
@@ -84,7 +85,7 @@ def copy_data_command(argv: list[str]) -> int:
 
 async def serve(config: Config) -> None:
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=access_log)
+    runner = make_runner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=access_log)
     await runner.setup()
     # Before the "serving on" line: a SIGTERM sent as soon as it appears must stop cleanly.
     stop = asyncio.Event()
@@ -113,6 +114,13 @@ async def serve(config: Config) -> None:
         log.info("shutting down")
     finally:
         await runner.cleanup()
+
+
+def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
+    """The app's runner: with the handshake gate in front when the app has one."""
+    if HANDSHAKE_GATE in app:
+        return GatedAppRunner(app, app[HANDSHAKE_GATE], **kwargs)
+    return web.AppRunner(app, **kwargs)
 
 
 if __name__ == "__main__":

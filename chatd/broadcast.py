@@ -341,7 +341,30 @@ class EngineServer(engineio.AsyncServer):
         ws = WebSocketResponse(max_msg_size=self.max_http_buffer_size, compress=False)
         ws._send_headers_immediately = False  # the headers leave with the OPEN packet
         http_writer = await ws.prepare(environ["aiohttp.request"])
-        opening = eio_packet.Packet(
+        await http_writer.write(websocket_frame(self.open_packet()))
+        while True:
+            try:
+                msg = await ws.receive(timeout=self.refusal_timeout)
+            except Exception:  # asyncio.TimeoutError
+                break
+            if msg.type is not WSMsgType.TEXT:
+                break
+            answer = refusal_answer(msg.data, refusal)
+            if answer is CLOSE:
+                break
+            if answer is not None:
+                await ws.send_str(answer)
+        await ws.close()
+        return ws
+
+    @property
+    def refusal_timeout(self) -> float:
+        """How long a refused websocket may stay open: a client's CONNECT comes at once."""
+        return self.ping_interval + self.ping_timeout
+
+    def open_packet(self) -> str:
+        """Engine.IO's OPEN packet (encoded) for a new websocket, as engine.io would send it."""
+        return eio_packet.Packet(
             eio_packet.OPEN,
             {
                 "sid": self.generate_id(),
@@ -350,25 +373,7 @@ class EngineServer(engineio.AsyncServer):
                 "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
                 "maxPayload": self.max_http_buffer_size,
             },
-        )
-        await http_writer.write(websocket_frame(opening.encode()))
-        timeout = self.ping_interval + self.ping_timeout
-        while True:
-            try:
-                msg = await ws.receive(timeout=timeout)
-            except Exception:  # asyncio.TimeoutError
-                break
-            if msg.type is not WSMsgType.TEXT:
-                break
-            if msg.data == "40" or msg.data.startswith("40{"):  # CONNECT to namespace "/"
-                await ws.send_str("4" + refusal)
-            elif msg.data.startswith("40/"):  # another namespace: chatd has none
-                namespace = msg.data[2:].split(",", 1)[0]
-                await ws.send_str(f'44{namespace},"Unable to connect"')
-            elif msg.data == "1":  # Engine.IO CLOSE
-                break
-        await ws.close()
-        return ws
+        ).encode()
 
     def start_background_task(self, target, *args, **kwargs):
         # engine.io keeps one task per socket asleep for the ping interval, even
@@ -377,6 +382,22 @@ class EngineServer(engineio.AsyncServer):
         if getattr(target, "__func__", None) is AsyncSocket._send_ping:
             return asyncio.get_running_loop().call_later(self.ping_interval, _ping, target.__self__)
         return super().start_background_task(target, *args, **kwargs)
+
+
+CLOSE = object()
+
+
+def refusal_answer(text: str, refusal: str) -> str | object | None:
+    """What a refused websocket answers to a text message: `refusal` (the CONNECT_ERROR)
+    to a CONNECT, an error to a CONNECT elsewhere, CLOSE to Engine.IO's CLOSE, else nothing."""
+    if text == "40" or text.startswith("40{"):  # CONNECT to namespace "/"
+        return "4" + refusal
+    if text.startswith("40/"):  # another namespace: chatd has none
+        namespace = text[2:].split(",", 1)[0]
+        return f'44{namespace},"Unable to connect"'
+    if text == "1":  # Engine.IO CLOSE
+        return CLOSE
+    return None
 
 
 def _ping(socket: AsyncSocket) -> None:

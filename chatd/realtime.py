@@ -280,11 +280,15 @@ class Realtime:
         session = await read_session(environ["aiohttp.request"])
         if session.user is not None:
             return None
-        self.metrics.handshake_refused(session.rejected)
-        encoded = self._refusals.get(session.rejected)
+        return self.refusal(session.rejected)
+
+    def refusal(self, reason: str) -> str:
+        """Count a handshake refused for `reason`; the CONNECT_ERROR (encoded) that tells its client."""
+        self.metrics.handshake_refused(reason)
+        encoded = self._refusals.get(reason)
         if encoded is None:  # one per reason, made once
-            refused = socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": session.rejected})
-            encoded = self._refusals[session.rejected] = self.sio.packet_class(
+            refused = socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": reason})
+            encoded = self._refusals[reason] = self.sio.packet_class(
                 packet.CONNECT_ERROR, data=refused.error_args
             ).encode()
         return encoded

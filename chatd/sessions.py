@@ -141,24 +141,32 @@ class SessionCookieStorage(EncryptedCookieStorage):
         return ChatSession(None, data=None, new=True, max_age=self.max_age)
 
     async def load_session(self, request: web.Request) -> ChatSession:
-        token = self.load_cookie(request)
-        if not token:
-            return self._rejected(NO_SESSION)
-        try:
-            # No Fernet ttl here: an expired cookie must be told apart from a forged one.
-            plain, member_key = self._fernet.decrypt_with_member_key(token.encode("utf-8"))
-            data = self._decoder(plain.decode("utf-8"))
-            user = _identity_from(data["session"], member_key)
-        except (InvalidToken, ValueError, TypeError, KeyError, UnicodeError):
-            return self._rejected(INVALID_SESSION)
-        if user.expires_at <= time.time():
-            return self._rejected(EXPIRED)
+        opened = self.open_cookie(self.load_cookie(request))
+        if isinstance(opened, str):
+            return self._rejected(opened)
+        user, data = opened
         if await self._is_revoked(user.sid):
             return self._rejected(REVOKED)
         # max_age=None: the expiry written in the cookie is the only one that counts.
         session = ChatSession(None, data=data, new=False, max_age=None)
         session.user = user
         return session
+
+    def open_cookie(self, token: str | None) -> tuple[Identity, dict] | str:
+        """The cookie's identity and data, or why it is none: everything but revocation,
+        which needs storage (handshake_gate.py refuses from this alone)."""
+        if not token:
+            return NO_SESSION
+        try:
+            # No Fernet ttl here: an expired cookie must be told apart from a forged one.
+            plain, member_key = self._fernet.decrypt_with_member_key(token.encode("utf-8"))
+            data = self._decoder(plain.decode("utf-8"))
+            user = _identity_from(data["session"], member_key)
+        except (InvalidToken, ValueError, TypeError, KeyError, UnicodeError):
+            return INVALID_SESSION
+        if user.expires_at <= time.time():
+            return EXPIRED
+        return user, data
 
     def _rejected(self, reason: str) -> ChatSession:
         session = ChatSession(None, data=None, new=True, max_age=self.max_age)

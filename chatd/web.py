@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from .accounts import Accounts, password_problem, username_problem
 from .config import Config, ConfigError
 from .forwarded import TrustedProxies
+from .handshake_gate import HandshakeGate
 from .fanout import RedisClientManager, redis_address
 from .limits import ChatRateLimiter, LoginThrottle
 from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
@@ -67,6 +68,7 @@ REALTIME = web.AppKey("realtime", Realtime)
 METRICS = web.AppKey("metrics", Metrics)
 REDIS = web.AppKey("redis", Redis)
 CLIENT_MANAGER = web.AppKey("client_manager", RedisClientManager)
+HANDSHAKE_GATE = web.AppKey("handshake_gate", HandshakeGate)
 
 USER = web.RequestKey("user", Identity)
 BODY = web.RequestKey("body", object)
@@ -381,6 +383,13 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         websocket_compression=config.websocket_compression,
     )
 
+    # Handshakes that can only be refused are answered before aiohttp (handshake_gate.py),
+    # except where aiohttp must see every request: proxy headers to check, access logs.
+    if not config.trusted_proxies and config.log_level != "debug":
+        app[HANDSHAKE_GATE] = HandshakeGate(
+            session_storage, app[REALTIME].sio.eio, app[REALTIME].refusal, SECURITY_HEADERS
+        )
+
     app.router.add_get("/", index)
     app.router.add_get("/api/session", get_session_info)
     app.router.add_post("/api/register", register)
@@ -431,4 +440,6 @@ async def _redis_lifetime(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sockets(app: web.Application) -> None:
+    if HANDSHAKE_GATE in app:
+        app[HANDSHAKE_GATE].close_all()
     await app[REALTIME].close_all()

@@ -1,5 +1,5 @@
-"""Shared test parts: a real chatd (in-process via `aiohttp_server`, or as a
-`python -m chatd` subprocess) and real clients (aiohttp for HTTP,
+"""Shared test parts: a real chatd (in-process, served as `python -m chatd` serves it
+or through `aiohttp_server`, or as a `python -m chatd` subprocess) and real clients (aiohttp for HTTP,
 python-socketio's AsyncClient for sockets). Nothing here is mocked."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import socketio
+from aiohttp import web
 from cryptography.fernet import Fernet
 
+from chatd.__main__ import SHUTDOWN_SECONDS, make_runner
 from chatd.config import Config
 from chatd.sessions import COOKIE_NAME
 from chatd.web import create_app
@@ -60,14 +62,24 @@ def make_config(request, data_dir: Path, secret_key: str):
 
 
 @pytest.fixture
-def start_chatd(aiohttp_server, make_config):
-    """Start a real chatd on a free port: `await start_chatd(session_ttl=3)` → base URL."""
+async def start_chatd(make_config):
+    """Start a real chatd on a free port: `await start_chatd(session_ttl=3)` → base URL.
+
+    Served the way `python -m chatd` serves (`make_runner`: the handshake gate in front
+    of aiohttp), so every test also runs through the gate; tests that need the app
+    object use `aiohttp_server`, which serves through aiohttp alone."""
+    runners: list[web.AppRunner] = []
 
     async def start(port: int | None = None, **overrides) -> str:
-        server = await aiohttp_server(create_app(make_config(**overrides)), port=port)
-        return str(server.make_url("/")).rstrip("/")
+        runner = make_runner(create_app(make_config(**overrides)), shutdown_timeout=SHUTDOWN_SECONDS)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", port or 0).start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
-    return start
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
 
 
 @pytest.fixture
