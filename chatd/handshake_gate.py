@@ -40,6 +40,9 @@ _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TOKEN = re.compile(r'"?([A-Za-z0-9_=-]+)"?')
 _QUERY = ["EIO=4", "transport=websocket"]
 _CACHE_BUSTER = re.compile(r"t=[A-Za-z0-9._~-]*")
+# A header line as RFC 9110 spells it (a token, a colon, visible characters, spaces and
+# tabs); anything else (obs-fold, control characters) aiohttp answers with its 400.
+_HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([\t\x20-\x7e]*)")
 # Headers the gate reads or that make a request one it leaves to aiohttp; any of them
 # twice and aiohttp decides.
 _WATCHED = {
@@ -146,13 +149,13 @@ def _plain_websocket_handshake(head: bytes) -> dict[str, str] | None:
         return None
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or line[0] in " \t":
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
             return None
-        name = name.lower()
+        name = header.group(1).lower()
         if name in _WATCHED and name in headers:
             return None
-        headers[name] = value.strip(" \t")
+        headers[name] = header.group(2).strip(" \t")
     if "host" not in headers or "origin" in headers or "transfer-encoding" in headers:
         return None
     if headers.get("content-length", "0") != "0":

@@ -165,6 +165,8 @@ async def test_a_head_in_pieces_is_still_refused_and_other_requests_still_reach_
         (handshake(extra="Origin: https://elsewhere.example\r\n"), "HTTP/1.1 400"),  # the origin check
         (handshake(extra="Sec-WebSocket-Version: 13\r\n"), "HTTP/1.1 101"),  # a header twice: aiohttp's call
         (handshake().replace(b"HTTP/1.1", b"HTTP/1.0", 1), "HTTP/1.0 101"),  # aiohttp upgrades 1.0 too
+        (handshake(extra="X-Odd\x01: 1\r\n"), "HTTP/1.0 400"),  # not a header name
+        (handshake(extra="X-Odd: a\x7fb\r\n"), "HTTP/1.0 400"),  # a control character in a value
         (b"POST /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 400"),
     ],
 )
