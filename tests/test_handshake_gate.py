@@ -127,12 +127,16 @@ async def test_a_refusal_at_the_gate_is_the_refusal_through_aiohttp(both, secret
         "expired": expired_cookie(secret_key),
         "unquoted": good.strip('"')[:-3] + "xyz",
     }[kind]
-    seen = []
+    seen, servers = [], []
     for base_url in (gated, plain):
         status, headers, opening, answer, raw = await refused_websocket(base_url, cookie)
         seen.append((status, {k: v for k, v in headers.items() if k not in ("date", "server")}, set(opening), answer))
+        servers.append(headers.get("server"))
         await raw.close()
     assert seen[0] == seen[1]
+    # Only aiohttp names itself: proof that the gate, not aiohttp, answered the first
+    # (were aiohttp's sites to stop taking AppRunner.server as their protocol factory).
+    assert servers[0] is None and servers[1] and "aiohttp" in servers[1]
     status, headers, opening_keys, answer = seen[0]
     assert status == "HTTP/1.1 101 Switching Protocols" and headers["sec-websocket-accept"] == ACCEPT
     assert "Content-Security-Policy" in {k.title() for k in headers} or "content-security-policy" in headers
