@@ -100,6 +100,11 @@ def parse_url(text: str, source: str, schemes: tuple[str, ...]) -> str:
     return text
 
 
+def origin_allowed(origin: str | None, own_origin: str, allow_origins: tuple[str, ...]) -> bool:
+    """No Origin header (not a browser's cross-site call), our own origin, or one of --allow-origin."""
+    return origin is None or origin == own_origin or origin in allow_origins
+
+
 def parse_origin(text: str, source: str) -> str:
     from yarl import URL
 

@@ -10,9 +10,11 @@ it is plainly such a handshake, answers the same bytes a refusal through aiohttp
 would (the 101 with chatd's security headers, Engine.IO's OPEN, the CONNECT_ERROR
 once the client sends CONNECT) from protocol callbacks, with no task.
 
-Everything else — every other request, a handshake with a cookie that opens (even
-a revoked one: that needs storage), anything unusual in the head (an Origin to
-check, a body, repeated headers, HTTP/1.0, a query beyond `EIO=4&transport=websocket`)
+The gate applies the same origin rule as Engine.IO's check (no Origin, chatd's own
+origin, or one of --allow-origin). Everything else — every other request, a
+handshake with a cookie that opens (even a revoked one: that needs storage), an
+origin the rule refuses (aiohttp answers and counts it), anything unusual in the
+head (a body, repeated headers, HTTP/1.0, a query beyond `EIO=4&transport=websocket`)
 — goes to aiohttp unchanged: the gate hands the connection and the bytes it holds
 to aiohttp's own protocol and steps out of the way. Behind --trusted-proxy, or with
 access logging on (--log-level debug), the gate is not installed at all: those
@@ -31,6 +33,7 @@ from typing import Callable
 from aiohttp import web
 
 from .broadcast import CLOSE, EngineServer, frame_header, refusal_answer, websocket_frame
+from .config import origin_allowed
 from .sessions import COOKIE_NAME, NO_SESSION, SessionCookieStorage
 
 _PREFIX = b"GET /socket.io/?"
@@ -64,8 +67,10 @@ class HandshakeGate:
         engine: EngineServer,
         refusal: Callable[[str], str],
         headers: dict[str, str],
+        allow_origins: tuple[str, ...] = (),
     ) -> None:
         self._sessions = sessions
+        self._allow_origins = allow_origins
         self._engine = engine
         self._refusal = refusal  # reason -> the CONNECT_ERROR packet, counted as refused
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -86,6 +91,10 @@ class HandshakeGate:
         headers = _plain_websocket_handshake(head)
         if headers is None:
             return None
+        # As web.origin_allowed: without a trusted proxy (the gate's only case) the scheme
+        # is plain http, chatd not terminating TLS, and the host is Host.
+        if not origin_allowed(headers.get("origin"), "http://" + headers["host"], self._allow_origins):
+            return None  # aiohttp refuses it and counts it as forbidden_origin
         cookie = headers.get("cookie")
         if cookie is None or COOKIE_NAME not in cookie:
             reason = NO_SESSION
@@ -156,7 +165,7 @@ def _plain_websocket_handshake(head: bytes) -> dict[str, str] | None:
         if name in _WATCHED and name in headers:
             return None
         headers[name] = header.group(2).strip(" \t")
-    if "host" not in headers or "origin" in headers or "transfer-encoding" in headers:
+    if "host" not in headers or "transfer-encoding" in headers:
         return None
     if headers.get("content-length", "0") != "0":
         return None

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from .accounts import Accounts, password_problem, username_problem
 from .config import Config, ConfigError
+from .config import origin_allowed as config_origin_allowed
 from .forwarded import TrustedProxies
 from .handshake_gate import HandshakeGate
 from .fanout import RedisClientManager, redis_address
@@ -107,10 +108,7 @@ def own_origin(request: web.Request) -> str:
 
 
 def origin_allowed(origin: str | None, request: web.Request) -> bool:
-    """No Origin header (not a browser's cross-site call), our own origin, or one of --allow-origin."""
-    if origin is None:
-        return True
-    return origin == own_origin(request) or origin in request.app[CONFIG].allow_origins
+    return config_origin_allowed(origin, own_origin(request), request.app[CONFIG].allow_origins)
 
 
 def is_api(request: web.Request) -> bool:
@@ -387,7 +385,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
     # except where aiohttp must see every request: proxy headers to check, access logs.
     if not config.trusted_proxies and config.log_level != "debug":
         app[HANDSHAKE_GATE] = HandshakeGate(
-            session_storage, app[REALTIME].sio.eio, app[REALTIME].refusal, SECURITY_HEADERS
+            session_storage, app[REALTIME].sio.eio, app[REALTIME].refusal, SECURITY_HEADERS, config.allow_origins
         )
 
     app.router.add_get("/", index)

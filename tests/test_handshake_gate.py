@@ -87,10 +87,12 @@ class Raw:
         self.writer.close()
 
 
-async def refused_websocket(base_url: str, cookie: str | None) -> tuple[str, dict[str, str], dict, str, Raw]:
+async def refused_websocket(
+    base_url: str, cookie: str | None, extra: str = ""
+) -> tuple[str, dict[str, str], dict, str, Raw]:
     """Status line, headers, Engine.IO OPEN and the answer to CONNECT; and the connection."""
     raw = await Raw.open(base_url)
-    await raw.send(handshake(cookie))
+    await raw.send(handshake(cookie, extra=extra))
     status, headers = await raw.response_head()
     opcode, opening = await raw.frame()
     assert opcode == 1 and opening.startswith(b"0{")
@@ -113,7 +115,7 @@ async def both(start_chatd, aiohttp_server, make_config, tmp_path) -> tuple[str,
     return gated, str(plain.make_url("/")).rstrip("/")
 
 
-@pytest.mark.parametrize("kind", ["none", "tampered", "expired", "unquoted"])
+@pytest.mark.parametrize("kind", ["none", "tampered", "expired", "unquoted", "browser"])
 async def test_a_refusal_at_the_gate_is_the_refusal_through_aiohttp(both, secret_key, kind):
     gated, plain = both
     visitor = Visitor(plain)
@@ -126,10 +128,12 @@ async def test_a_refusal_at_the_gate_is_the_refusal_through_aiohttp(both, secret
         "tampered": good[:40] + ("A" if good[40] != "A" else "B") + good[41:],
         "expired": expired_cookie(secret_key),
         "unquoted": good.strip('"')[:-3] + "xyz",
+        "browser": None,  # with the Origin a browser sends: chatd's own
     }[kind]
+    origin = "Origin: http://chatd.test\r\n" if kind == "browser" else ""
     seen, servers = [], []
     for base_url in (gated, plain):
-        status, headers, opening, answer, raw = await refused_websocket(base_url, cookie)
+        status, headers, opening, answer, raw = await refused_websocket(base_url, cookie, extra=origin)
         seen.append((status, {k: v for k, v in headers.items() if k not in ("date", "server")}, set(opening), answer))
         servers.append(headers.get("server"))
         await raw.close()
@@ -140,8 +144,25 @@ async def test_a_refusal_at_the_gate_is_the_refusal_through_aiohttp(both, secret
     status, headers, opening_keys, answer = seen[0]
     assert status == "HTTP/1.1 101 Switching Protocols" and headers["sec-websocket-accept"] == ACCEPT
     assert "Content-Security-Policy" in {k.title() for k in headers} or "content-security-policy" in headers
-    reason = {"none": "no_session", "expired": "expired"}.get(kind, "invalid_session")
+    reason = {"none": "no_session", "browser": "no_session", "expired": "expired"}.get(kind, "invalid_session")
     assert json.loads(answer[2:]) == {"message": "unauthorized", "data": {"reason": reason}}
+
+
+async def test_the_gate_lets_allowed_origins_in_and_leaves_the_rest_to_aiohttp(start_chatd):
+    base_url = await start_chatd(allow_origins=("https://app.example",))
+    answered_by = {}
+    for origin in ("http://chatd.test", "https://app.example", "https://evil.example", "http://chatd.test:1"):
+        raw = await Raw.open(base_url)
+        await raw.send(handshake(extra=f"Origin: {origin}\r\n"))
+        status, headers = await raw.response_head()
+        answered_by[origin] = (status.split(" ")[1], "aiohttp" if "server" in headers else "gate")
+        await raw.close()
+    assert answered_by == {
+        "http://chatd.test": ("101", "gate"),
+        "https://app.example": ("101", "gate"),
+        "https://evil.example": ("400", "aiohttp"),  # Engine.IO's origin check, counted there
+        "http://chatd.test:1": ("400", "aiohttp"),
+    }
 
 
 async def test_a_head_in_pieces_is_still_refused_and_other_requests_still_reach_aiohttp(base_url):
