@@ -101,9 +101,11 @@ class HandshakeGate:
         else:
             values = [value for name, _, value in (p.strip().partition("=") for p in cookie.split(";"))
                       if name == COOKIE_NAME]  # fmt: skip
+            # One chatd cookie, bare or quoted, and no quotes elsewhere (a quoted value
+            # can hide a ";"): any other syntax aiohttp's parser may read differently.
             token = _TOKEN.fullmatch(values[0]) if len(values) == 1 else None
-            if token is None or values[0].count('"') == 1:
-                return None  # cookie syntax aiohttp may read differently
+            if token is None or values[0].count('"') not in (0, 2) or cookie.count('"') != values[0].count('"'):
+                return None
             opened = self._sessions.open_cookie(token.group(1))
             if not isinstance(opened, str):
                 return None  # a session: connect (or refuse as revoked) through aiohttp

@@ -165,6 +165,22 @@ async def test_the_gate_lets_allowed_origins_in_and_leaves_the_rest_to_aiohttp(s
     }
 
 
+@pytest.mark.parametrize(
+    "cookie_header",
+    [
+        'other="a;chatd_session=gAAAAABforged;b"',  # inside another cookie's quoted value: no chatd cookie
+        "chatd_session=gAAAAABforged; chatd_session=gAAAAABother",  # twice
+        'chatd_session="gAAAAABforged',  # a quote left open
+    ],
+)
+async def test_cookie_syntax_the_gate_might_read_otherwise_is_left_to_aiohttp(base_url, cookie_header):
+    raw = await Raw.open(base_url)
+    await raw.send(handshake(extra=f"Cookie: {cookie_header}\r\n"))
+    status, headers = await raw.response_head()
+    assert status.startswith("HTTP/1.1 101") and "aiohttp" in headers["server"]
+    await raw.close()
+
+
 async def test_a_head_in_pieces_is_still_refused_and_other_requests_still_reach_aiohttp(base_url):
     raw = await Raw.open(base_url)
     for i in range(0, len(data := handshake()), 7):
