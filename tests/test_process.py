@@ -168,3 +168,29 @@ async def test_stderr_never_carries_secrets(chatd_process):
     sid = json.loads(Fernet(key).decrypt(cookie.encode()))["session"]["sid"]
     for secret in (key, "hunter2hunter2", cookie, sid, "argon2id$"):
         assert secret not in logs
+
+
+async def test_every_acked_message_survives_kill_9(chatd_process):
+    """SPEC: once acked, a message survives a restart. 400 messages sent at once (so
+    they share group commits), SIGKILL (no shutdown) the moment the last ack is in:
+    every acked message is stored."""
+    process = chatd_process("--chat-rate", "0")
+    visitor = Visitor(process.start())
+    socket = await visitor.socket()
+    await socket.next("welcome")
+    results = await asyncio.gather(*(socket.call("send chat", {"msg": f"m{i}"}) for i in range(400)))
+    process.stop(signal.SIGKILL)
+    acked = {r["id"]: f"m{i}" for i, r in enumerate(results) if r.get("ok")}
+    await visitor.close()
+    assert len(acked) == 400
+
+    again = Visitor(chatd_process("--chat-rate", "0").start())
+    socket = await again.socket()
+    await socket.next("welcome")
+    stored: dict[int, str] = {}
+    query = {"room": "general", "limit": 100}  # the latest, then page back
+    while page := (await socket.call("history", query))["messages"]:
+        stored.update((m["id"], m["msg"]) for m in page)
+        query["before"] = page[0]["id"]
+    await again.close()
+    assert acked == stored
