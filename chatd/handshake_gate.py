@@ -31,6 +31,7 @@ import re
 from typing import Callable
 
 from aiohttp import web
+from aiohttp.http import WS_KEY
 
 from .broadcast import CLOSE, EngineServer, frame_header, refusal_answer, websocket_frame
 from .config import origin_allowed
@@ -38,7 +39,6 @@ from .sessions import COOKIE_NAME, NO_SESSION, SessionCookieStorage
 
 _PREFIX = b"GET /socket.io/?"
 _MAX_HEAD = 8190  # aiohttp's own limit for a request line or header
-_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # A Fernet token (base64url), bare or in the quotes the cookie goes out in (it has "=").
 _TOKEN = re.compile(r'"?([A-Za-z0-9_=-]+)"?')
 _QUERY = ["EIO=4", "transport=websocket"]
@@ -55,7 +55,7 @@ _WATCHED = {
 
 # Close codes (RFC 6455 section 7.4.1).
 _NORMAL, _PROTOCOL_ERROR, _NOT_TEXT, _TOO_BIG = 1000, 1002, 1007, 1009
-_OP_CONTINUATION, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
+_OP_CONTINUATION, _OP_TEXT, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 8, 9, 10
 
 
 class HandshakeGate:
@@ -110,7 +110,7 @@ class HandshakeGate:
             if not isinstance(opened, str):
                 return None  # a session: connect (or refuse as revoked) through aiohttp
             reason = opened
-        accept = base64.b64encode(hashlib.sha1(headers["sec-websocket-key"].encode() + _WEBSOCKET_GUID).digest())
+        accept = base64.b64encode(hashlib.sha1(headers["sec-websocket-key"].encode() + WS_KEY).digest())
         response = (
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Accept: "
             + accept
