@@ -22,7 +22,7 @@ function parseArgs(argv) {
   const opts = {
     scenario: argv[0], url: "http://127.0.0.1:8080", pid: 0, sockets: 100, concurrency: 50,
     cookies: "fresh", deflate: false, seconds: 5, warmup: 1, window: 0, senders: 1, rate: 15,
-    refuse: "tampered", timeout: 60, settle: 3,
+    refuse: "tampered", timeout: 60, settle: 3, prefill: 0,
   };
   for (let i = 1; i < argv.length; i++) {
     const key = argv[i].replace(/^--/, "");
@@ -49,6 +49,11 @@ function serverCpuSeconds() {
   const stat = fs.readFileSync(`/proc/${opts.pid}/stat`, "utf8");
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   return (Number(fields[11]) + Number(fields[12])) / TICKS;
+}
+// The load generator's own CPU (bench/presence.py shows how busy each core was).
+function clientCpuSeconds() {
+  const used = process.cpuUsage();
+  return (used.user + used.system) / 1e6;
 }
 function serverRssBytes() {
   if (!opts.pid) return 0;
@@ -331,10 +336,19 @@ const scenarios = {
   // One room filling up (bench/presence.py): `sockets` new guests, each GET / + websocket
   // + CONNECT + welcome, `concurrency` at a time, all staying. Handshakes per second and
   // the server's CPU per handshake for every tenth of the room; then half the room
-  // dropped at once (no close frame) and the server's CPU for that.
+  // dropped at once (no close frame) and the server's CPU for that. First, `prefill`
+  // guests come and go in waves of 200 (the room never holds more than that): the first
+  // tenth is then timed on a warm server and a warm client, as every later one is.
   async fill() {
+    for (let done = 0; done < opts.prefill; done += 200) {
+      const wave = await withDeadline(connectMany(Math.min(200, opts.prefill - done), opts.concurrency, "fresh"),
+                                      opts.timeout, "prefill");
+      wave.forEach((c) => c.close());
+      await sleep(200);
+    }
+    if (opts.prefill) await sleep(3000); // the leaves go out; the room is empty again
     const tenth = Math.floor(opts.sockets / 10);
-    const marks = [[now(), serverCpuSeconds()]];
+    const marks = [[now(), serverCpuSeconds(), clientCpuSeconds()]];
     const clients = [];
     let next = 0;
     async function worker() {
@@ -343,15 +357,16 @@ const scenarios = {
         const c = new Client(await getCookie());
         if ((await c.open()) !== "connected") throw new Error("refused");
         clients.push(c);
-        if (clients.length % tenth === 0) marks.push([now(), serverCpuSeconds()]);
+        if (clients.length % tenth === 0) marks.push([now(), serverCpuSeconds(), clientCpuSeconds()]);
       }
     }
     await withDeadline(Promise.all(Array.from({ length: opts.concurrency }, worker)), opts.timeout, "fill");
     const tenths = [];
     for (let i = 1; i < marks.length; i++) {
-      const [t0, c0] = marks[i - 1], [t1, c1] = marks[i];
+      const [t0, c0, k0] = marks[i - 1], [t1, c1, k1] = marks[i];
       tenths.push({ from: (i - 1) * tenth, to: i * tenth, handshakes_per_s: tenth / ((t1 - t0) / 1000),
-                    server_cpu_ms_each: (1000 * (c1 - c0)) / tenth });
+                    server_cpu_ms_each: (1000 * (c1 - c0)) / tenth,
+                    server_busy: (c1 - c0) / ((t1 - t0) / 1000), client_busy: (k1 - k0) / ((t1 - t0) / 1000) });
     }
     await sleep(2000); // the last presence batches go out
     const half = Math.floor(clients.length / 2);
