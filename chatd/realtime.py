@@ -39,7 +39,7 @@ from .presence import Member, Presence, Publish
 from .presence.published import Snapshot
 from .sessions import Identity, read_session
 from .socketrooms import indexed
-from .storage import Storage
+from .storage import OUTAGE_RETRY_AFTER, Storage, StorageError
 from .validation import DEFAULT_ROOM, EventError, parse_history, parse_room, parse_send_chat
 
 log = logging.getLogger("chatd.realtime")
@@ -254,6 +254,29 @@ class Realtime:
     # -- connection ---------------------------------------------------------
 
     async def on_connect(self, sid: str, environ: dict, auth=None) -> None:
+        try:
+            await self._connect(sid, environ)
+        except socketio.exceptions.ConnectionRefusedError:
+            raise
+        except Exception as exc:
+            # Refused with a reason rather than left without an answer. A refused socket gets
+            # no disconnect event, so what the handshake had done (rooms, presence, timer) is undone here.
+            if isinstance(exc, StorageError):
+                log.warning("storage is unreachable; refusing a handshake")
+                refusal = ("unavailable", {"retry_after": OUTAGE_RETRY_AFTER})
+            elif isinstance(exc, ConnectionError):  # the client went away mid-handshake
+                refusal = ("internal_error",)
+            else:
+                log.exception("a handshake failed")
+                refusal = ("internal_error",)
+            try:
+                await self.on_disconnect(sid)
+            except Exception:
+                log.exception("could not undo a failed handshake")
+            self.metrics.handshake_refused(refusal[0])
+            raise socketio.exceptions.ConnectionRefusedError(*refusal) from None
+
+    async def _connect(self, sid: str, environ: dict) -> None:
         session = await read_session(environ["aiohttp.request"])
         user = session.user
         if user is None:
@@ -266,12 +289,12 @@ class Realtime:
         if await self.storage.is_revoked(user.sid):
             self.metrics.handshake_refused("revoked")
             raise socketio.exceptions.ConnectionRefusedError("unauthorized", {"reason": "revoked"})
-        self.metrics.handshake_accepted()
         state = self.sockets[sid] = SocketState(user=user)
         state.expiry = asyncio.get_running_loop().call_later(
             max(0.0, user.expires_at - time.time()), self._expire_soon, sid
         )
         history, online = await self._enter(sid, state, DEFAULT_ROOM)
+        self.metrics.handshake_accepted()
         welcome = {"id": user.member_id, **user.public(), "room": DEFAULT_ROOM, "history": history}
         await self._send_welcome(sid, welcome, online)
 

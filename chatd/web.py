@@ -37,7 +37,7 @@ from .presence.memory import MemoryPresence
 from .presence.redis import RedisPresence
 from .realtime import Realtime
 from .sessions import Identity, SessionCookieStorage, guest_name, issue_session, read_session
-from .storage import Storage, StorageError
+from .storage import OUTAGE_RETRY_AFTER, Storage, StorageError
 from .storage.postgres import PostgresStorage
 from .storage.sqlite import SqliteStorage
 
@@ -129,9 +129,8 @@ async def storage_outage(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except StorageError:
         log.warning("storage is unreachable; answering 503")
-        return ApiError(
-            503, "unavailable", "chatd cannot reach its storage; try again shortly.", {"Retry-After": "5"}
-        ).response()
+        message = "chatd cannot reach its storage; try again shortly."
+        return ApiError(503, "unavailable", message, {"Retry-After": str(OUTAGE_RETRY_AFTER)}).response()
 
 
 @web.middleware

@@ -100,12 +100,13 @@ function onEnded(reason) {
     endedWhileSwitching = true; // the answer to our own request reconnects
     return;
   }
-  view.showStatus("Session ended");
+  view.showStatus(reason === "unavailable" ? "Server unavailable" : "Session ended");
   view.showNotice(`${ENDINGS[reason] ?? "The server ended this session."} Reconnecting…`);
   scheduleRecovery();
 }
 
 const ENDINGS = {
+  unavailable: "The server cannot reach its storage right now.",
   logout: "You were logged out in another tab.",
   login: "Someone logged in with this session in another tab.",
   expired: "Your session expired.",

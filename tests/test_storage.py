@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from chatd.config import DATABASE_FILE_NAME
@@ -19,7 +21,8 @@ from chatd.storage import MAX_ID, TABLES, Account, StorageError
 from chatd.storage import postgres as pg_module
 from chatd.storage import sqlite as sqlite_module
 from chatd.storage.copy import open_storage
-from conftest import ROOT, Visitor, free_port
+from conftest import ROOT, Visitor, free_port, refusal
+from engineio_clients import RawPollingClient
 from pg_service import create_database, start_postgres
 
 BACKENDS = ["sqlite", "postgres"]
@@ -403,6 +406,24 @@ async def test_chatd_rides_out_a_database_that_goes_away_and_comes_back(own_pg_s
             assert response.headers["Retry-After"] == "5"
         answer = await socket.call("send chat", {"msg": "during"})
         assert (answer["ok"], answer["error"]) == (False, "internal_error")
+        # A new socket is refused with a reason at once, not left waiting for a CONNECT that never
+        # comes: over polling the Socket.IO CONNECT is answered with connect_error...
+        polling = RawPollingClient(visitor.http, base, visitor.cookie)
+        try:
+            await polling.open()
+            await polling.send_packet("40")
+            answer = await asyncio.wait_for(polling.receive_packets(), 5)
+        finally:
+            await polling.close()
+        assert [p[:2] for p in answer] == ["44"], answer
+        assert json.loads(answer[0][2:]) == {"message": "unavailable", "data": {"retry_after": 5}}
+        # ...and a websocket upgrade (whose cookie is read before it) is a 503 like any request.
+        async with visitor.http.get(
+            base + "/socket.io/?EIO=4&transport=websocket",
+            headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+        ) as response:
+            assert response.status == 503 and (await response.json())["error"] == "unavailable"
 
         await asyncio.to_thread(own_pg_server.start)
         async with visitor.http.get(base + "/healthz") as response:
@@ -413,6 +434,41 @@ async def test_chatd_rides_out_a_database_that_goes_away_and_comes_back(own_pg_s
         assert [m["msg"] for m in history["messages"]] == ["before", "after"]
     finally:
         await visitor.close()
+
+
+async def test_a_handshake_that_fails_midway_is_refused_and_leaves_nobody_online(pg_database_url, start_chatd):
+    base = await start_chatd(database_url=pg_database_url)
+    observer, failing, later = Visitor(base), Visitor(base), Visitor(base)
+    try:
+        watcher = await observer.socket()
+        await watcher.next("welcome")
+        assert (await watcher.call("send chat", {"msg": "hello"}))["ok"] is True  # a welcome now reads history
+        await failing.session()
+        # The revocation check still works but the history read fails: by then the handshake
+        # has put the socket in the room and in presence, which its refusal must undo.
+        conn = await asyncpg.connect(pg_database_url)
+        try:
+            await conn.execute("ALTER TABLE messages RENAME TO messages_away")
+            refused = await refusal(base, cookie=failing.cookie)
+            assert refused == {"message": "unavailable", "data": {"retry_after": 5}}
+            await conn.execute("ALTER TABLE messages_away RENAME TO messages")
+        finally:
+            await conn.close()
+        latecomer = await later.socket()
+        welcome = await latecomer.next("welcome")
+        assert [m["msg"] for m in welcome["history"]] == ["hello"]
+        # Snapshot plus changes, on both sockets: the two sessions that are here, and nobody else,
+        # once the window has passed (SPEC: within 1 s) and still after another window.
+        both = {watcher.id, latecomer.id}
+        for _ in range(30):
+            if set(watcher.online["general"]) == set(latecomer.online["general"]) == both:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        assert set(watcher.online["general"]) == set(latecomer.online["general"]) == both
+    finally:
+        for visitor in (observer, failing, later):
+            await visitor.close()
 
 
 # -- acceptance: two chatd processes on one PostgreSQL -------------------------------------------

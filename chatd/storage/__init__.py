@@ -54,6 +54,9 @@ class StorageError(Exception):
     """Storage is unreachable or broken."""
 
 
+OUTAGE_RETRY_AFTER = 5  # seconds: what clients are told to wait while storage is unreachable
+
+
 @dataclass(frozen=True, slots=True)
 class Account:
     username: str
