@@ -22,9 +22,11 @@ Why 100 handshakes in flight: the one client core also reads what 5,000
 people's machines would, every socket's `presence` frame (thousands of frames
 a second once the room is large). With 20 in flight, while it read such a
 burst the handshake pipeline ran dry and the server's core sat idle for up
-to a quarter of a tenth, so the last tenths measured the client's bursts
-(server busy 74–78 % there, 91–94 % in the first tenth). 100 keeps the
-server's core busy in every tenth without slowing the first one. Each run
+to a fifth of the last tenth (busy 81–86 % there, 95–98 % in the first, with
+the same CPU per handshake in both), so the figure measured the client's
+bursts. With 100 the server's core stays busy in the last tenths too (the
+table's "server busy" column shows it). Before the timed fill, `--warmup`
+guests come and go, so the first tenth is timed on a warm server. Each run
 starts a fresh chatd; the figure is the median of the runs' last tenth /
 first tenth, because one tenth lasts about a second on a shared machine.
 """
