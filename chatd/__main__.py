@@ -14,9 +14,8 @@ import sys
 from aiohttp import web
 
 from .config import Config, ConfigError, config_from_args, generate_key, load_secret_keys
+from .sio.versions import untested_versions
 from .storage import StorageError
-from .handshake_gate import GatedAppRunner
-from .web import HANDSHAKE_GATE, create_app
 
 log = logging.getLogger("chatd")
 access_log = logging.getLogger("chatd.access")
@@ -33,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["copy-data"]:
         return copy_data_command(argv[1:])
+    untested = untested_versions()
+    if untested:  # chatd/sio relies on these libraries' internals as they were checked
+        print(f"chatd: untested library versions: {'; '.join(untested)}; install chatd's pinned ranges", file=sys.stderr)
+        return 2
     try:
         config = config_from_args(argv)
         config = dataclasses.replace(config, secret_keys=load_secret_keys(config.data_dir))
@@ -84,8 +87,10 @@ def copy_data_command(argv: list[str]) -> int:
 
 
 async def serve(config: Config) -> None:
+    from .web import create_app  # after the version check: it imports the libraries chatd/sio patches
+
     app = create_app(config)
-    runner = make_runner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=access_log)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=access_log)
     await runner.setup()
     # Before the "serving on" line: a SIGTERM sent as soon as it appears must stop cleanly.
     stop = asyncio.Event()
@@ -114,13 +119,6 @@ async def serve(config: Config) -> None:
         log.info("shutting down")
     finally:
         await runner.cleanup()
-
-
-def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
-    """The app's runner: with the handshake gate in front when the app has one."""
-    if HANDSHAKE_GATE in app:
-        return GatedAppRunner(app, app[HANDSHAKE_GATE], **kwargs)
-    return web.AppRunner(app, **kwargs)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from .storage import HISTORY_MAX, Storage
+from .tasks import TaskOwner
 
 log = logging.getLogger("chatd.ordering")
 
@@ -69,6 +70,7 @@ class Sequencer:
         self.hold_seconds = hold_seconds
         self._rooms: dict[str, _Room] = {}
         self._starting: dict[str, asyncio.Future[_Room]] = {}
+        self.tasks = TaskOwner("the sequencer")
 
     # -- rooms ----------------------------------------------------------------------
 
@@ -78,7 +80,7 @@ class Sequencer:
             return room
         starting = self._starting.get(name)
         if starting is None:  # the first to need the room reads storage; the others wait for it
-            starting = self._starting[name] = asyncio.ensure_future(self._start(name))
+            starting = self._starting[name] = self.tasks.spawn(self._start(name))
             starting.add_done_callback(lambda _: self._starting.pop(name, None))
         return await asyncio.shield(starting)
 
@@ -152,9 +154,7 @@ class Sequencer:
 
     def _watch_gap(self, name: str, room: _Room) -> None:
         if room.held and room.gap_timer is None:
-            room.gap_timer = asyncio.get_running_loop().call_later(
-                self.hold_seconds, lambda: asyncio.ensure_future(self._fill_gap(name, room))
-            )
+            room.gap_timer = self.tasks.later(self.hold_seconds, self._fill_gap, name, room)
         elif not room.held and room.gap_timer is not None:
             room.gap_timer.cancel()
             room.gap_timer = None
@@ -187,3 +187,7 @@ class Sequencer:
             await self._deliver_in_order(room)
             if len(page) < HISTORY_MAX:
                 return
+
+    async def close(self) -> None:
+        """Stop every gap timer and room start still pending (shutdown)."""
+        await self.tasks.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import time
@@ -121,14 +122,18 @@ IsRevoked = Callable[[str], Awaitable[bool]]
 
 class SessionCookieStorage(EncryptedCookieStorage):
     def __init__(self, keys: tuple[str, ...], *, ttl: int, secure: bool, is_revoked: IsRevoked) -> None:
+        # Ours, not the storage's: opening a cookie ourselves tells why it is no session.
+        self.fernet = RotatingFernet(keys)
         super().__init__(
-            RotatingFernet(keys),
+            self.fernet,
             cookie_name=COOKIE_NAME,
             max_age=ttl,
             path="/",
             httponly=True,
             samesite="Lax",
             secure=True if secure else None,
+            encoder=json.dumps,
+            decoder=json.loads,
         )
         self._is_revoked = is_revoked
 
@@ -154,13 +159,17 @@ class SessionCookieStorage(EncryptedCookieStorage):
 
     def open_cookie(self, token: str | None) -> tuple[Identity, dict] | str:
         """The cookie's identity and data, or why it is none: everything but revocation,
-        which needs storage (handshake_gate.py refuses from this alone)."""
+        which needs storage.
+
+        The token is aiohttp-session's format, a Fernet token of
+        `{"created": …, "session": {…}}` in JSON (the encoder and decoder passed
+        to the storage above), opened here with our own keys."""
         if not token:
             return NO_SESSION
         try:
             # No Fernet ttl here: an expired cookie must be told apart from a forged one.
-            plain, member_key = self._fernet.decrypt_with_member_key(token.encode("utf-8"))
-            data = self._decoder(plain.decode("utf-8"))
+            plain, member_key = self.fernet.decrypt_with_member_key(token.encode("utf-8"))
+            data = json.loads(plain.decode("utf-8"))
             user = _identity_from(data["session"], member_key)
         except (InvalidToken, ValueError, TypeError, KeyError, UnicodeError):
             return INVALID_SESSION

@@ -21,7 +21,7 @@ import socketio
 from aiohttp import web
 from cryptography.fernet import Fernet
 
-from chatd.__main__ import SHUTDOWN_SECONDS, make_runner
+from chatd.__main__ import SHUTDOWN_SECONDS
 from chatd.config import Config
 from chatd.sessions import COOKIE_NAME
 from chatd.web import create_app
@@ -65,13 +65,12 @@ def make_config(request, data_dir: Path, secret_key: str):
 async def start_chatd(make_config):
     """Start a real chatd on a free port: `await start_chatd(session_ttl=3)` → base URL.
 
-    Served the way `python -m chatd` serves (`make_runner`: the handshake gate in front
-    of aiohttp), so every test also runs through the gate; tests that need the app
-    object use `aiohttp_server`, which serves through aiohttp alone."""
+    Served the way `python -m chatd` serves (an `AppRunner` and a `TCPSite`); tests
+    that need the app object use `aiohttp_server`."""
     runners: list[web.AppRunner] = []
 
     async def start(port: int | None = None, **overrides) -> str:
-        runner = make_runner(create_app(make_config(**overrides)), shutdown_timeout=SHUTDOWN_SECONDS)
+        runner = web.AppRunner(create_app(make_config(**overrides)), shutdown_timeout=SHUTDOWN_SECONDS)
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, "127.0.0.1", port or 0).start()

@@ -1,4 +1,4 @@
-"""Fast delivery (chatd/broadcast.py) against real clients: order on every transport,
+"""Fast delivery (chatd/sio/engine.py, chatd/sio/managers.py) against real clients: order on every transport,
 compression only when asked for, no task per idle socket, pings and timeouts."""
 
 from __future__ import annotations

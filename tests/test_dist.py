@@ -143,7 +143,7 @@ async def test_the_wheel_in_a_fresh_virtualenv_serves_the_page_from_elsewhere(di
         check=True, capture_output=True, timeout=600, env=outside_env(),
     )
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import chatd.web; print(chatd.web.PUBLIC_DIR)"],
+        [str(venv / "bin" / "python"), "-c", "import chatd.http_api; print(chatd.http_api.PUBLIC_DIR)"],
         cwd=tmp_path, check=True, capture_output=True, text=True, env=outside_env(),
     ).stdout.strip()
     assert where.startswith(str(venv)), where  # the page comes from the installed package

@@ -250,9 +250,9 @@ async def test_cookies_from_before_member_ids_get_a_keyed_hash_the_same_on_every
         await socket.close()
 
 
-# -- the manager's room index (chatd/socketrooms.py) -------------------------------------------
+# -- the manager's room index (chatd/sio/managers.py) -------------------------------------------
 
-# python-socketio's `basic_disconnect` as chatd/socketrooms.py copied it (5.18). A change here
+# python-socketio's `basic_disconnect` as chatd/sio/managers.py copied it (5.18). A change here
 # means the copy must be checked again (and the pin in setup.cfg moved).
 BASIC_DISCONNECT_SHA256 = "2933b50bc4b2ea7b4367a84e05c2e22c52fed98b00afc3b88d06d61ab9fb9aa1"
 

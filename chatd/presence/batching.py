@@ -12,6 +12,8 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
+from ..tasks import TaskOwner
+
 log = logging.getLogger("chatd.presence")
 
 MIN_WINDOW = 0.05  # seconds: small rooms hear quickly
@@ -27,7 +29,8 @@ class ChangeBatcher:
         self._window = window
         self._pending: dict[str, dict[str, dict]] = {}  # room -> member id -> member
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._running: dict[str, asyncio.Task] = {}  # room -> its latest flush
+        self._running: dict[str, asyncio.Future] = {}  # room -> its latest flush
+        self._tasks = TaskOwner("presence")
         self._closed = False
 
     @staticmethod
@@ -48,11 +51,11 @@ class ChangeBatcher:
     def _due(self, room: str) -> None:
         del self._timers[room]
         touched = self._pending.pop(room)
-        task = asyncio.ensure_future(self._run(room, touched, self._running.get(room)))
+        task = self._tasks.spawn(self._run(room, touched, self._running.get(room)))
         self._running[room] = task
         task.add_done_callback(lambda done: self._running.get(room) is done and self._running.pop(room))
 
-    async def _run(self, room: str, touched: dict[str, dict], previous: asyncio.Task | None) -> None:
+    async def _run(self, room: str, touched: dict[str, dict], previous: asyncio.Future | None) -> None:
         if previous is not None:
             await asyncio.wait([previous])
         try:
@@ -67,5 +70,6 @@ class ChangeBatcher:
         self._timers.clear()
         self._pending.clear()
         running = list(self._running.values())
-        if running:
+        if running:  # the flushes under way finish (their leaves reach the other processes)
             await asyncio.wait(running)
+        await self._tasks.close()

@@ -59,6 +59,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from ..tasks import TaskOwner
 from . import Member, Presence, Publish
 from .published import PublishedList, Snapshot
 
@@ -175,7 +176,7 @@ class RedisPresence(Presence):
         self._outbox: list[tuple[str, str, Member]] = []  # ("join" | "leave", room, member), in order
         self._outbox_ready = asyncio.Event()
         self._writing = False
-        self._tasks: list[asyncio.Task] = []
+        self._tasks = TaskOwner("Redis presence")
         self._subscribed = asyncio.Event()
         self._beaten = False
         self._closing = False
@@ -185,21 +186,17 @@ class RedisPresence(Presence):
 
     async def start(self) -> None:
         """Hear the change stream and beat once before serving."""
-        self._tasks = [
-            asyncio.ensure_future(self._listen_forever()),
-            asyncio.ensure_future(self._write_forever()),
-        ]
+        self._tasks.spawn(self._listen_forever())
+        self._tasks.spawn(self._write_forever())
         try:
             await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_WAIT_SECONDS)
             await self._beat()
         except BaseException as exc:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._tasks.close()
             if isinstance(exc, asyncio.TimeoutError):
                 raise ConnectionError("cannot subscribe to the presence channel") from None
             raise
-        self._tasks.append(asyncio.ensure_future(self._beat_forever()))
+        self._tasks.spawn(self._beat_forever())
 
     async def close(self) -> None:
         """Give this process's holds back at once, so the others announce its leaves now."""
@@ -209,9 +206,7 @@ class RedisPresence(Presence):
             await asyncio.wait_for(self._goodbye(), 3.0)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.warning("could not give this process's presence back (%s); the others will in %d s", exc, ALIVE_SECONDS)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     async def _goodbye(self) -> None:
         while self._outbox or self._writing:  # the leaves of the sockets just closed
@@ -232,7 +227,7 @@ class RedisPresence(Presence):
         state = self._rooms.get(room)
         if state is None:
             state = self._rooms[room] = _Room()
-            state.loading = asyncio.ensure_future(self._read(room, state))
+            state.loading = self._tasks.spawn(self._read(room, state))
         # Recorded before any wait, so that a leave of this socket meanwhile finds it.
         state.idle_since = None
         sockets = state.sockets.get(member["id"])
@@ -380,7 +375,7 @@ class RedisPresence(Presence):
     def _reread(self, room: str) -> None:
         state = self._rooms.get(room)
         if state is not None and state.loading is None:
-            state.loading = asyncio.ensure_future(self._read(room, state))
+            state.loading = self._tasks.spawn(self._read(room, state))
 
     async def _read(self, room: str, state: _Room) -> None:
         """Read the room's members and number together; then apply what the stream said meanwhile."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable, Generic, TypeVar
 
+from ..tasks import TaskOwner
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -20,7 +22,8 @@ class GroupCommit(Generic[Item, Result]):
     def __init__(self, write_batch: Callable[[list[Item]], Awaitable[list[Result]]]) -> None:
         self._write_batch = write_batch
         self._pending: list[tuple[Item, asyncio.Future]] = []
-        self._writer: asyncio.Task | None = None
+        self._writer: asyncio.Future | None = None
+        self._tasks = TaskOwner("group commit")
 
     async def submit(self, item: Item) -> Result:
         future = asyncio.get_running_loop().create_future()
@@ -28,7 +31,7 @@ class GroupCommit(Generic[Item, Result]):
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending.append((item, future))
         if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all())
+            self._writer = self._tasks.spawn(self._write_all())
         # shield: a caller that gives up does not cancel the batch others are waiting on.
         return await asyncio.shield(future)
 

@@ -1,50 +1,26 @@
-"""Fast delivery: one encoded frame written to every websocket of a room, no task per recipient.
+"""The Engine.IO server chatd serves: direct websocket writes, a ping timer, early refusals.
 
-python-socketio delivers a room emit by creating one asyncio task per
-recipient, each of which puts the packet on that socket's Engine.IO queue,
-whose writer task then encodes it and frames it for aiohttp: per recipient,
-two task steps, a queue round trip, a string concatenation and a frame header.
-Profiled under a closed-loop broadcast, that machinery (not the socket write
-itself) was most of the server's time. Here a room emit encodes the packet
-once, builds the websocket frame once, and writes those bytes straight to
-each recipient's transport.
-
-The pieces:
+python-engineio's websocket path gives every connection a writer task, a
+queue, a task per received frame and a task asleep until the next ping; its
+room emits (python-socketio) add a task per recipient. Profiled under a
+broadcast to thousands of sockets, that machinery, not the socket writes, was
+most of the server's time. Here:
 
 - `DirectWebSocket`, engine.io's aiohttp websocket wrapper: permessage-deflate
-  only when asked for (`--websocket-compression`; socket.io on Node has it off
-  too, and compressing every frame for every recipient was most of the cost of
-  a broadcast to browsers, which all offer it), and uncompressed frames written
-  without awaiting, those of one event-loop turn in one socket write.
+  only when asked for (`--websocket-compression`), and uncompressed frames
+  written without awaiting, those of one event-loop turn in one socket write
+  (`Flusher`).
 - `DirectSocket`, the engine.io socket of a connection that opened on the
   websocket transport uncompressed: every packet is written to the transport
-  as it is sent (so packets go out in the order of the calls) and frames are
-  read in the request's own task. engine.io's socket keeps a writer task and a
-  queue per websocket and a task per received frame; this keeps none.
-  Connections upgrading from polling keep engine.io's queue (what was queued
-  while polling must go first).
+  as it is sent (in the order of the calls), frames are read in the request's
+  own task. Connections upgrading from polling keep engine.io's queue (what
+  was queued while polling must go first).
 - `EngineServer`, engine.io's server using those two, with a timer instead of
-  the task per socket that sleeps until the next ping (and outlives the socket),
-  and a short path for websocket handshakes that will be refused.
-- `FastBroadcastMixin`, the client manager's local delivery (python-socketio's
-  `AsyncManager.emit`): one encoded frame for all direct recipients, queued
-  sends, without a task each, for the others.
+  the task per socket that sleeps until the next ping, and an early answer to
+  websocket handshakes that can only be refused (no Engine.IO socket, no
+  Socket.IO session, no task), still inside aiohttp's request handling.
 
-Several processes: python-socketio's pub/sub managers deliver locally by
-calling `super().emit(...)` from `AsyncPubSubManager`
-(socketio.async_pubsub_manager). Put the mixin between
-`AsyncPubSubManager` and `AsyncManager` in the MRO and Redis fan-out keeps the
-fast local delivery:
-
-    class FastRedisManager(socketio.AsyncRedisManager, FastBroadcastMixin):
-        pass
-    # MRO: FastRedisManager, AsyncRedisManager, AsyncPubSubManager,
-    #      FastBroadcastMixin, AsyncManager, BaseManager, object
-
-(tests/test_internals.py checks that order.)
-
-This module reaches into python-engineio's and python-socketio's internals
-(named in tests/test_internals.py); setup.cfg pins their minor versions.
+Private names used here are listed in chatd/sio/__init__.py.
 """
 
 from __future__ import annotations
@@ -56,16 +32,16 @@ import time
 from typing import Awaitable, Callable, Iterable, Sequence
 
 import engineio
-import socketio
 from aiohttp import WSMsgType
 from aiohttp.web import WebSocketResponse
 from engineio import exceptions
 from engineio import packet as eio_packet
 from engineio.async_drivers.aiohttp import WebSocket as EngineWebSocket
 from engineio.async_socket import AsyncSocket
-from socketio import packet as sio_packet
 
-log = logging.getLogger("chatd.broadcast")
+from ..tasks import TaskOwner
+
+log = logging.getLogger("chatd.sio")
 
 _FIN = 0x80
 _TEXT, _BINARY = 0x1, 0x2  # websocket opcodes; server frames are never masked
@@ -105,7 +81,7 @@ class DirectWebSocket(EngineWebSocket):
     def __init__(self, handler, server) -> None:
         super().__init__(handler, server)
         self.transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         # None: nothing written this event-loop turn; else what waits for the turn's end
         self._pending: list[bytes | memoryview] | None = None
         self.raw = False  # frames go straight to the transport
@@ -215,7 +191,7 @@ class Flusher:
         """Flush `ws` at the end of this turn; True when it may write its first frame now."""
         if not self._written:
             self._quiet = time.monotonic() - self._last_flush > self.QUIET_SECONDS
-            ws._loop.call_soon(self._flush_all)
+            ws.loop.call_soon(self._flush_all)
         self._written.append(ws)
         return self._quiet
 
@@ -250,7 +226,7 @@ class DirectSocket(AsyncSocket):
                 pass  # the reader notices the closed connection and closes the socket
             if pkt.packet_type == eio_packet.CLOSE:
                 # Close the transport too: some clients wait for the server to do it.
-                asyncio.ensure_future(ws.close())
+                self.server.tasks.spawn(ws.close())
 
     async def send(self, pkt) -> None:
         if self.websocket is None:
@@ -321,6 +297,7 @@ class EngineServer(engineio.AsyncServer):
             "DirectWebSocket", (DirectWebSocket,), {"compression": websocket_compression, "flusher": Flusher()}
         )
         self._async = {**self._async, "websocket": websocket}
+        self.tasks = TaskOwner("engine.io")  # websocket closes started from synchronous sends
         # Set by the Socket.IO side: the Socket.IO CONNECT_ERROR packet (encoded) that a
         # handshake will get, known from its request alone, or None to connect as usual.
         self.early_refusal: Callable[[dict], Awaitable[str | None]] | None = None
@@ -375,6 +352,31 @@ class EngineServer(engineio.AsyncServer):
             },
         ).encode()
 
+    def direct_websocket(self, eio_sid: str) -> DirectWebSocket | None:
+        """The connection's websocket when packets may be written to it directly, else None."""
+        return direct_websocket(self.sockets.get(eio_sid))
+
+    async def send_text(self, eio_sid: str, parts: Sequence[bytes | memoryview]) -> None:
+        """Send one Engine.IO MESSAGE whose UTF-8 text is `parts`, without copying them on a direct websocket."""
+        ws = self.direct_websocket(eio_sid)
+        if ws is not None:
+            ws.write_text((b"4", *parts))  # "4": an Engine.IO MESSAGE
+        else:  # polling, upgraded or compressed: through engine.io's queue
+            await self.send(eio_sid, b"".join(parts).decode("utf-8"))
+
+    async def close_transport(self, eio_sid: str) -> None:
+        """Close a connection now, whatever its client does, without waiting for its queue to drain
+        (engine.io's own `disconnect()` waits, and hangs for good on a client gone mid-close)."""
+        socket = self.sockets.get(eio_sid)
+        if socket is not None:
+            await socket.close(wait=False)  # sends CLOSE, runs the disconnect handlers
+            socket.queue.put_nowait(None)  # ends the writer, which closes a websocket
+
+    async def close_all(self) -> None:
+        for eio_sid in list(self.sockets):
+            await self.close_transport(eio_sid)
+        await self.tasks.close()
+
     def start_background_task(self, target, *args, **kwargs):
         # engine.io keeps one task per socket asleep for the ping interval, even
         # after the socket closed (AsyncSocket.schedule_ping). A timer does the
@@ -409,50 +411,3 @@ def _ping(socket: AsyncSocket) -> None:
             socket.send_now(pkt)
         else:
             socket.queue.put_nowait(pkt)
-
-
-class FastBroadcastMixin(socketio.AsyncManager):
-    """`AsyncManager.emit`'s local delivery, encoding once and writing one shared frame."""
-
-    async def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs):
-        room = to or room
-        eio = getattr(self.server, "eio", None)
-        if callback is not None or namespace not in self.rooms or not isinstance(eio, EngineServer):
-            return await super().emit(
-                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs
-            )
-        if isinstance(data, tuple):
-            data = list(data)
-        elif data is not None:
-            data = [data]
-        else:
-            data = []
-        encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event] + data).encode()
-        if isinstance(encoded, list):  # binary attachments: rare, leave them to python-socketio
-            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
-        skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
-        pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
-        frame = None
-        queued = []
-        for sid, eio_sid in self.get_participants(namespace, room):
-            if sid in skip:
-                continue
-            socket = eio.sockets.get(eio_sid)
-            ws = direct_websocket(socket)
-            if ws is None:
-                queued.append(eio_sid)
-                continue
-            if frame is None:
-                frame = websocket_frame(pkt.encode())
-            try:
-                ws.write(frame)
-            except ConnectionResetError:
-                pass  # gone; its reader closes it
-        # The rest (polling, upgraded or compressed connections) the way engine.io
-        # sends: in call order, through each socket's queue, without a task each.
-        for eio_sid in queued:
-            await eio.send_packet(eio_sid, pkt)
-
-
-class FastBroadcastManager(FastBroadcastMixin):
-    """The client manager for one process."""

@@ -1,0 +1,237 @@
+"""Client managers: who is in which room, fast local delivery, and Redis fan-out with control messages.
+
+- `RoomIndex` keeps a sid -> rooms index beside python-socketio's room table.
+  python-socketio finds a disconnecting socket's rooms by copying the
+  namespace's whole room table and testing every room (`basic_disconnect`,
+  `get_rooms`): O(all rooms) per disconnect, so O(N²) when thousands of
+  sockets drop at once (a network blip, a restart).
+- `FastBroadcastMixin` replaces `AsyncManager.emit`'s local delivery: the packet
+  is encoded once, the websocket frame built once and written to every direct
+  recipient's transport (engine.py), without a task per recipient; polling and
+  upgraded connections get it through their queue, in call order.
+- `RedisClientManager`, python-socketio's Redis manager with both of the above
+  and chatd's *control messages*: things every process must do for its own
+  sockets that are not an emit (end a session, order a stored chat message).
+  They are JSON arrays `["chatd", host_id, name, *args]` on the same channel,
+  told apart from python-socketio's own messages (JSON objects) by their first
+  byte, so they keep their order with the emits.
+
+python-socketio's pub/sub managers deliver locally by calling `super().emit`
+from `AsyncPubSubManager`; with the mixin between `AsyncPubSubManager` and
+`AsyncManager` in the MRO, emits received from Redis get the fast delivery too.
+
+Private names used here are listed in chatd/sio/__init__.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import socketio
+from engineio import packet as eio_packet
+from socketio import AsyncRedisManager
+from socketio import packet as sio_packet
+
+from ..tasks import TaskOwner
+from .engine import EngineServer, direct_websocket, websocket_frame
+
+log = logging.getLogger("chatd.sio")
+
+CHANNEL = "chatd"
+CONTROL_TAG = "chatd"
+SUBSCRIBE_WAIT_SECONDS = 5.0
+
+ControlHandler = Callable[..., Awaitable[None]]
+
+
+def redis_address(url: str) -> str:
+    """host:port of a Redis URL, for messages: never the password."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+
+
+class RoomIndex:
+    rooms: dict
+    callbacks: dict
+    pending_connect: dict
+    pending_disconnect: dict
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._rooms_of: dict[tuple[str, str], set] = {}  # (namespace, sid) -> rooms
+
+    def basic_enter_room(self, sid, namespace, room, eio_sid=None):
+        super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
+        self._rooms_of.setdefault((namespace, sid), set()).add(room)
+
+    def basic_leave_room(self, sid, namespace, room):
+        super().basic_leave_room(sid, namespace, room)
+        rooms = self._rooms_of.get((namespace, sid))
+        if rooms is not None:
+            rooms.discard(room)
+            if not rooms:
+                del self._rooms_of[(namespace, sid)]
+
+    def room_size(self, namespace: str, room: str) -> int:
+        """How many sockets are in a room of this process, without walking it."""
+        return len(self.rooms.get(namespace, {}).get(room, ()))
+
+    def get_rooms(self, sid, namespace):
+        return [room for room in self._rooms_of.get((namespace, sid), ()) if room is not None]
+
+    def basic_disconnect(self, sid, namespace, **kwargs):
+        """python-socketio 5.18's `basic_disconnect`, with the room scan replaced by the index."""
+        if namespace not in self.rooms:
+            return
+        for room in list(self._rooms_of.get((namespace, sid), ())):
+            self.basic_leave_room(sid, namespace, room)
+        self._rooms_of.pop((namespace, sid), None)
+        if sid in self.callbacks:
+            del self.callbacks[sid]
+        for pending in (self.pending_connect, self.pending_disconnect):
+            if namespace in pending and sid in pending[namespace]:
+                pending[namespace].remove(sid)
+                if len(pending[namespace]) == 0:
+                    del pending[namespace]
+
+
+def indexed(manager_class: type) -> type:
+    """`manager_class` with each socket's rooms indexed."""
+    return type(f"Indexed{manager_class.__name__}", (RoomIndex, manager_class), {})
+
+
+class FastBroadcastMixin(socketio.AsyncManager):
+    """`AsyncManager.emit`'s local delivery, encoding once and writing one shared frame."""
+
+    async def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs):
+        room = to or room
+        eio = getattr(self.server, "eio", None)
+        if callback is not None or namespace not in self.rooms or not isinstance(eio, EngineServer):
+            return await super().emit(
+                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs
+            )
+        if isinstance(data, tuple):
+            args = list(data)
+        elif data is not None:
+            args = [data]
+        else:
+            args = []
+        encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event] + args).encode()
+        if isinstance(encoded, list):  # binary attachments: rare, leave them to python-socketio (as given)
+            return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, **kwargs)
+        skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
+        pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+        frame = None
+        queued = []
+        for sid, eio_sid in self.get_participants(namespace, room):
+            if sid in skip:
+                continue
+            socket = eio.sockets.get(eio_sid)
+            ws = direct_websocket(socket)
+            if ws is None:
+                queued.append(eio_sid)
+                continue
+            if frame is None:
+                frame = websocket_frame(pkt.encode())
+            try:
+                ws.write(frame)
+            except ConnectionResetError:
+                pass  # gone; its reader closes it
+        # The rest (polling, upgraded or compressed connections) the way engine.io
+        # sends: in call order, through each socket's queue, without a task each.
+        for eio_sid in queued:
+            await eio.send_packet(eio_sid, pkt)
+
+
+class FastBroadcastManager(FastBroadcastMixin):
+    """The client manager for one process."""
+
+
+LocalManager = indexed(FastBroadcastManager)
+
+
+# RoomIndex first (its disconnect), then the Redis manager, whose local delivery is the mixin's.
+class RedisClientManager(RoomIndex, AsyncRedisManager, FastBroadcastMixin):
+    """python-socketio's Redis manager with chatd's control messages and an explicit start and stop."""
+
+    def __init__(self, url: str, *, channel: str = CHANNEL) -> None:
+        super().__init__(url, channel=channel)
+        self.control_handlers: dict[str, ControlHandler] = {}
+        self.tasks = TaskOwner("control messages")
+
+    async def emit(self, event, data, namespace=None, room=None, skip_sid=None, callback=None, to=None, **kwargs):
+        """An emit to one socket of this process (`welcome`, `chat_error`, …) stays here:
+        socket ids are random, so no other process has that socket."""
+        room = to or room
+        if room is not None and self.is_sid_room(namespace or "/", room):
+            kwargs["ignore_queue"] = True
+        await super().emit(event, data, namespace=namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs)
+
+    # -- control messages -----------------------------------------------------
+
+    def on_control(self, name: str, handler: ControlHandler) -> None:
+        self.control_handlers[name] = handler
+
+    async def publish_control(self, name: str, *args) -> None:
+        """Run `name`'s handler here and on every other process."""
+        await self._run_control(name, args)
+        await self._publish([CONTROL_TAG, self.host_id, name, *args])
+
+    async def _listen(self):
+        async for data in super()._listen():
+            if data[:1] == b"[":  # python-socketio's own messages are objects
+                self._control_received(data)
+            else:
+                # Text, not bytes: the server's JSON hook (jsonhook.OrjsonForSocketIO) reads str.
+                yield data.decode("utf-8")
+
+    def _control_received(self, data: bytes) -> None:
+        try:
+            tag, host_id, name, *args = self.json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            log.warning("dropped a malformed control message")
+            return
+        if tag == CONTROL_TAG and host_id != self.host_id:
+            # A task: the pub/sub loop must keep reading while a handler waits.
+            self.tasks.spawn(self._run_control(name, args))
+
+    async def _run_control(self, name: str, args) -> None:
+        handler = self.control_handlers.get(name)
+        if handler is None:
+            log.warning("no handler for control message %r", name)
+            return
+        try:
+            await handler(*args)
+        except Exception:
+            log.exception("control message %r failed", name)
+
+    # -- lifetime ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe now, not at the first client (python-socketio's default): a
+        process serves only once it hears every other process's broadcasts."""
+        if not self.server.manager_initialized:
+            self.server.manager_initialized = True
+            self.initialize()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUBSCRIBE_WAIT_SECONDS
+        while not (self.pubsub is not None and self.pubsub.subscribed):
+            if loop.time() > deadline:
+                raise ConnectionError(f"cannot subscribe to Redis at {redis_address(self.redis_url)}")
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        await self.tasks.close()
+        thread = getattr(self, "thread", None)
+        if thread is not None:
+            thread.cancel()
+            await asyncio.gather(thread, return_exceptions=True)
+        if self.pubsub is not None:
+            await self.pubsub.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
