@@ -8,8 +8,9 @@
 //   seeds' `io.engine.use` pattern); no valid session: connect_error
 //   {message: "unauthorized", data: {reason}}.
 // - On connect: joins `general`, gets `welcome` with the last 50 messages and the
-//   online list (one member per session, sorted by name); room changes go out as
-//   `presence` {room, joins, leaves}, gathered for up to 1 s.
+//   online list (one member per session, sorted by name, kept sorted as members
+//   come and go); room changes go out as `presence` {room, joins, leaves},
+//   gathered for up to 1 s.
 // - `send chat` {msg, room?}: validated (1-2000 characters after trimming, a joined
 //   room), acked {ok, id}, broadcast as `new chat` to the room.
 // Messages live in memory only: it does less work than chatd, which stores every
@@ -67,7 +68,7 @@ io.use((socket, next) => {
 
 const history = new Map(); // room -> last messages
 const nextId = new Map(); // room -> next message id
-const online = new Map(); // room -> session id -> {member, sockets}
+const online = new Map(); // room -> {sessions: Map(session id -> {member, sockets}), members: [], keys: []}
 const changes = new Map(); // room -> {joins: Map, leaves: Map}
 
 function member(s) {
@@ -88,30 +89,65 @@ function noteChange(room, kind, m) {
   (kind === "join" ? c.joins : c.leaves).set(m.id, m);
 }
 
+// Each room's online list is kept sorted as members come and go (binary insertion on
+// join, binary search and splice on leave), never re-sorted per connection: by name
+// without regard to case, then by id. `keys` holds each member's lower-cased name,
+// index for index. Intl.Collator().compare is what String.prototype.localeCompare
+// uses, made once instead of per comparison.
+const collator = new Intl.Collator();
+
+function compare(keyA, a, keyB, b) {
+  return collator.compare(keyA, keyB) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+}
+
+// The first index whose member sorts after (key, m): where m goes, or just past it.
+function upperBound(list, key, m) {
+  let lo = 0;
+  let hi = list.members.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (compare(list.keys[mid], list.members[mid], key, m) <= 0) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
 function enter(room, sid, s) {
-  let sessions = online.get(room);
-  if (!sessions) online.set(room, (sessions = new Map()));
-  const entry = sessions.get(sid);
+  let list = online.get(room);
+  if (!list) online.set(room, (list = { sessions: new Map(), members: [], keys: [] }));
+  const entry = list.sessions.get(sid);
   if (entry) entry.sockets++;
   else {
-    sessions.set(sid, { member: member(s), sockets: 1 });
+    const m = member(s);
+    const key = m.name.toLowerCase();
+    list.sessions.set(sid, { member: m, sockets: 1 });
+    const at = upperBound(list, key, m);
+    list.members.splice(at, 0, m);
+    list.keys.splice(at, 0, key);
     noteChange(room, "join", member(s));
   }
 }
 
 function exit(room, sid) {
-  const sessions = online.get(room);
-  const entry = sessions && sessions.get(sid);
+  const list = online.get(room);
+  const entry = list && list.sessions.get(sid);
   if (!entry) return;
   if (--entry.sockets === 0) {
-    sessions.delete(sid);
-    noteChange(room, "leave", entry.member);
+    list.sessions.delete(sid);
+    const m = entry.member;
+    const at = upperBound(list, m.name.toLowerCase(), m) - 1; // ids are unique: m itself
+    if (list.members[at] === m) {
+      list.members.splice(at, 1);
+      list.keys.splice(at, 1);
+    }
+    noteChange(room, "leave", m);
   }
 }
 
+// Read-only: socket.emit encodes its payload at once, so the list itself can go out.
 function onlineList(room) {
-  const members = [...(online.get(room) || new Map()).values()].map((e) => e.member);
-  return members.sort((a, b) => a.name.toLowerCase().localeCompare(b.name.toLowerCase()) || (a.id < b.id ? -1 : 1));
+  const list = online.get(room);
+  return list ? list.members : [];
 }
 
 io.on("connection", (socket) => {
