@@ -28,12 +28,11 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
-    "chatd as shipped (uvloop, orjson, gc.freeze, async_handlers=False)": [],
+    "chatd as shipped (uvloop, orjson, gc.freeze)": [],
     "  without uvloop": ["--asyncio"],
     "  without orjson": ["--stdlib-json"],
     "  without gc.freeze": ["--no-gc-freeze"],
-    "  with async_handlers=True": ["--async-handlers"],
-    "library defaults (none of the four)": ["--asyncio", "--stdlib-json", "--no-gc-freeze", "--async-handlers"],
+    "library defaults (none of the three)": ["--asyncio", "--stdlib-json", "--no-gc-freeze"],
 }
 
 

@@ -38,7 +38,7 @@ class ChatServer(socketio.AsyncServer):
         self._refusals: dict[str, str] = {}
 
     def _engineio_server_class(self):
-        return EngineServer  # direct websocket writes, see broadcast.py
+        return EngineServer  # direct websocket writes, see engine.py
 
     async def _handle_eio_message(self, eio_sid, data):
         """Decode one Socket.IO packet and dispatch it; a packet that cannot be read is dropped.
