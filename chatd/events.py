@@ -8,6 +8,7 @@ in sio/server.py acks, or emits `chat_error` when the client gave no ack.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from .limits import ChatRateLimiter
 from .metrics import Metrics
@@ -20,20 +21,13 @@ from .validation import EventError, parse_history, parse_room, parse_send_chat
 MAX_ROOMS_PER_SOCKET = 20
 
 
+@dataclass(eq=False)
 class ChatEvents:
-    def __init__(
-        self,
-        sockets: dict[str, SocketState],
-        storage: Storage,
-        metrics: Metrics,
-        rooms: Rooms,
-        rate_limiter: ChatRateLimiter,
-    ) -> None:
-        self.sockets = sockets
-        self.storage = storage
-        self.metrics = metrics
-        self.rooms = rooms
-        self.rate_limiter = rate_limiter
+    sockets: dict[str, SocketState]
+    storage: Storage
+    metrics: Metrics
+    rooms: Rooms
+    rate_limiter: ChatRateLimiter
 
     def table(self) -> dict[str, Handler]:
         """Event name -> handler: every event a client may send (anything else is ignored)."""

@@ -11,6 +11,7 @@ is fixed for the socket's lifetime.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import socketio
@@ -30,25 +31,18 @@ log = logging.getLogger("chatd.handshake")
 Refused = socketio.exceptions.ConnectionRefusedError
 
 
+@dataclass(eq=False)
 class Handshake:
-    def __init__(
-        self,
-        sio: ChatServer,
-        sockets: dict[str, SocketState],
-        storage: Storage,
-        metrics: Metrics,
-        rooms: Rooms,
-        endings: SessionEndings,
-        undo: Callable[[str], Awaitable[None]],
-    ) -> None:
-        self.sio = sio
-        self.sockets = sockets
-        self.storage = storage
-        self.metrics = metrics
-        self.rooms = rooms
-        self.endings = endings
-        self.undo = undo  # what a disconnect does: a refused socket gets no disconnect event
-        sio.eio.early_refusal = self.early_refusal
+    sio: ChatServer
+    sockets: dict[str, SocketState]
+    storage: Storage
+    metrics: Metrics
+    rooms: Rooms
+    endings: SessionEndings
+    undo: Callable[[str], Awaitable[None]]  # what a disconnect does: a refused socket gets no disconnect event
+
+    def __post_init__(self) -> None:
+        self.sio.eio.early_refusal = self.early_refusal
 
     async def connect(self, sid: str, environ: dict, auth=None) -> None:
         """python-socketio's connect handler: accept, or refuse with a reason."""
