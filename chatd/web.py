@@ -29,9 +29,9 @@ from .config import origin_allowed as config_origin_allowed
 from .forwarded import TrustedProxies
 from .handshake_gate import HandshakeGate
 from .fanout import RedisClientManager, redis_address
-from .limits import ChatRateLimiter, LoginThrottle
-from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
-from .limits.redis import RedisChatRateLimiter, RedisLoginThrottle
+from .limits import ChatRateLimiter, LoginThrottle, NewIdentityLimiter, retry_after
+from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle, MemoryNewIdentityLimiter
+from .limits.redis import RedisChatRateLimiter, RedisLoginThrottle, RedisNewIdentityLimiter
 from .metrics import Metrics
 from .presence.memory import MemoryPresence
 from .presence.redis import RedisPresence
@@ -65,6 +65,7 @@ CONFIG = web.AppKey("config", Config)
 STORAGE = web.AppKey("storage", Storage)
 ACCOUNTS = web.AppKey("accounts", Accounts)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
+NEW_IDENTITIES = web.AppKey("new_identities", NewIdentityLimiter)
 REALTIME = web.AppKey("realtime", Realtime)
 METRICS = web.AppKey("metrics", Metrics)
 REDIS = web.AppKey("redis", Redis)
@@ -230,8 +231,27 @@ async def ensure_session(request: web.Request, handler) -> web.StreamResponse:
     """The page and every /api/* route run with a valid session: a new guest one if need be."""
     if request.path == "/" or is_api(request):
         session = await read_session(request)
+        if session.user is None:
+            try:
+                await draw_new_identity(request)
+            except ApiError as refused:  # answered before a session is issued: no cookie
+                return refused.response() if is_api(request) else _too_many_page(refused)
         request[USER] = session.user or await issue_session(request, guest_name(), None)
     return await handler(request)
+
+
+async def draw_new_identity(request: web.Request) -> None:
+    """A guest session or an account: one token of the client address's bucket, else 429 (limits/)."""
+    # request.remote is the forwarded client address behind a --trusted-proxy (forwarded.py).
+    wait = await request.app[NEW_IDENTITIES].take(request.remote or "")
+    if wait:
+        message = "Too many new sessions from your address; try again later."
+        raise ApiError(429, "too_many_requests", message, {"Retry-After": str(retry_after(wait))})
+
+
+def _too_many_page(refused: ApiError) -> web.Response:
+    page = f"<!doctype html><meta charset=utf-8><title>chatd</title><p>{refused.message}</p>\n"
+    return web.Response(text=page, content_type="text/html", status=refused.status, headers=refused.headers)
 
 
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -282,6 +302,8 @@ async def register(request: web.Request) -> web.Response:
     problem = username_problem(username) or password_problem(password)
     if problem:
         raise ApiError(400, "invalid_request", problem)
+    if not (await read_session(request)).new:  # else the guest session this request was given has drawn already
+        await draw_new_identity(request)
     if not await request.app[ACCOUNTS].register(username, password):
         raise ApiError(409, "username_taken", "That username is taken.")
     user = await _switch_session(request, username, username, "login")
@@ -366,10 +388,12 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         presence = functools.partial(RedisPresence, redis=app[REDIS])
         rate_limiter = RedisChatRateLimiter(app[REDIS], config.chat_burst, config.chat_rate)
         app[LOGIN_THROTTLE] = RedisLoginThrottle(app[REDIS])
+        app[NEW_IDENTITIES] = RedisNewIdentityLimiter(app[REDIS], config.guest_burst, config.guest_rate)
         app.cleanup_ctx.append(_redis_lifetime)
     else:
         rate_limiter = MemoryChatRateLimiter(config.chat_burst, config.chat_rate)
         app[LOGIN_THROTTLE] = MemoryLoginThrottle()
+        app[NEW_IDENTITIES] = MemoryNewIdentityLimiter(config.guest_burst, config.guest_rate)
     app[REALTIME] = Realtime(
         storage=storage,
         presence=presence,
