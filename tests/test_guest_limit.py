@@ -107,16 +107,15 @@ async def test_over_the_burst_a_first_visit_is_429_with_retry_after_and_no_cooki
 
 
 async def test_registering_draws_once_and_over_the_limit_creates_no_account(start_chatd):
-    base_url = await start_chatd(guest_burst=3, guest_rate=SLOW)
-    guest = assert_guest(*(await first_visit(base_url))[:2]).split(";")[0].split("=", 1)[1]  # 1
-    assert (await register(base_url, "alice", cookie=guest))[0] == 201  # 2: registering with a session draws
-    assert (await register(base_url, "bob"))[0] == 201  # 3: without one, the guest session and the account draw once
-    status, headers, body = await register(base_url, "carol")
-    assert_refused(status, headers, body)
-    assert body == {"error": "too_many_requests", "message": body["message"]}
-    status, headers, body = await register(base_url, "carol", cookie=guest)  # a valid session does not help
-    assert_refused(status, headers, body)
-    assert body["error"] == "too_many_requests"
+    base_url = await start_chatd(guest_burst=4, guest_rate=SLOW)
+    first, second = [assert_guest(*(await first_visit(base_url))[:2]).split(";")[0].split("=", 1)[1] for _ in "12"]
+    assert (await register(base_url, "alice", cookie=first))[0] == 201  # 3: registering with a session draws
+    assert (await register(base_url, "bob"))[0] == 201  # 4: without one, the guest session and the account draw once
+    # Over the limit: with a valid session (refused by register itself) and without one.
+    for cookie in (second, None):
+        status, headers, body = await register(base_url, "carol", cookie=cookie)
+        assert_refused(status, headers, body)
+        assert body == {"error": "too_many_requests", "message": body["message"]}
     # No account was created: the name is free from another address.
     assert (await register(base_url, "carol", address="127.0.0.2"))[0] == 201
 
