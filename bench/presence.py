@@ -94,7 +94,7 @@ def run_once(args: argparse.Namespace, extra: list[str]) -> dict:
         port = free_port()
         server = subprocess.Popen(
             ["taskset", "-c", str(SERVER_CPU), sys.executable, "-m", "chatd", "--port", str(port),
-             "--data-dir", data_dir, "--log-level", "warning", *extra],
+             "--data-dir", data_dir, "--log-level", "warning", "--guest-rate", "0", *extra],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,

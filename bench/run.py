@@ -107,7 +107,7 @@ class Server:
         self.data_dir = tempfile.mkdtemp(prefix="chatd-bench-")
         if kind == "chatd":
             argv = [str(CHATD_PYTHON), "-m", "chatd", "--port", str(self.port), "--data-dir", self.data_dir,
-                    "--chat-rate", "0"]
+                    "--chat-rate", "0", "--guest-rate", "0"]  # the load generator's guests all come from one address
         else:
             argv = ["node", str(NODE_PEER), str(self.port)]
         self.log = open(Path(self.data_dir) / "server.log", "w+")

@@ -23,7 +23,8 @@ from chatd.web import REALTIME, STORAGE, create_app
 
 
 async def serve(port: int, data_dir: Path, flags: set[str]) -> None:
-    config = Config(port=port, data_dir=data_dir, secret_keys=load_secret_keys(data_dir))
+    # --guest-rate 0: every benchmark guest comes from 127.0.0.1.
+    config = Config(port=port, data_dir=data_dir, guest_rate=0.0, secret_keys=load_secret_keys(data_dir))
     app = create_app(config)
     sio = app[REALTIME].sio
     if "--stdlib-json" in flags:

@@ -5,6 +5,7 @@ python-socketio's AsyncClient for sockets). Nothing here is mocked."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -51,12 +52,18 @@ if TEST_BACKEND not in ("sqlite", "postgres"):
     raise RuntimeError(f"CHATD_TEST_BACKEND={TEST_BACKEND!r}: expected sqlite or postgres")
 
 
+# The limit on new identities per address is off unless a test sets it: every test
+# client is 127.0.0.1, and many tests make more guests than one address's burst
+# (tests/test_guest_limit.py tests the limit itself, with small bursts).
+NO_GUEST_LIMIT = {"guest_rate": 0.0}
+
+
 @pytest.fixture
 def make_config(request, data_dir: Path, secret_key: str):
     backend = {"database_url": request.getfixturevalue("pg_database_url")} if TEST_BACKEND == "postgres" else {}
 
     def make(**overrides) -> Config:
-        return Config(**{"data_dir": data_dir, "secret_keys": (secret_key,), **backend, **overrides})
+        return Config(**{"data_dir": data_dir, "secret_keys": (secret_key,), **NO_GUEST_LIMIT, **backend, **overrides})
 
     return make
 
@@ -269,6 +276,25 @@ async def refusal(base_url: str, *, cookie: str | None, transport: str = "websoc
         await client.close()
 
 
+async def polling_handshake(base_url: str, *, cookie: str | None, headers: dict | None = None) -> list[str]:
+    """A handshake over long polling by hand (the client library lingers 30 s for its long
+    poll when it closes): the packets that answer the namespace CONNECT (`40{…` welcome,
+    `44{…` refused), or [] when Engine.IO refuses the open itself."""
+    all_headers = dict(headers or {})
+    if cookie is not None:
+        all_headers["Cookie"] = f"{COOKIE_NAME}={cookie}"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.get(base_url + "/socket.io/?EIO=4&transport=polling", headers=all_headers) as response:
+            opened = await response.text()
+        if response.status != 200:
+            return []
+        url = base_url + "/socket.io/?EIO=4&transport=polling&sid=" + json.loads(opened[1:])["sid"]
+        async with http.post(url, data="40", headers=all_headers) as response:
+            assert response.status == 200
+        async with http.get(url, headers=all_headers) as response:
+            return (await response.text()).split("\x1e")
+
+
 # -- chatd as a process ----------------------------------------------------------
 
 
@@ -287,7 +313,8 @@ class ChatdProcess:
         # Logs go to a file, not a pipe: an unread pipe would block a chatty server.
         self.log_path = data_dir.parent / f"chatd-{self.port}.log"
         self.args = ["--port", str(self.port), "--data-dir", str(data_dir), *args]
-        self.env = {**os.environ, **(env or {})}
+        # As in make_config: no limit on new identities unless a flag or `env` sets one.
+        self.env = {"CHATD_GUEST_RATE": "0", **os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
