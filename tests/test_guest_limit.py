@@ -164,11 +164,12 @@ async def test_guest_rate_0_switches_the_limit_off(start_chatd):
     assert [(await register(base_url, f"user{i}"))[0] for i in range(3)] == [201] * 3
 
 
-@pytest.mark.parametrize("transport,through", [("websocket", "gate"), ("websocket", "aiohttp"), ("polling", "aiohttp")])
+@pytest.mark.parametrize(
+    "transport,through", [("websocket", "direct"), ("websocket", "trusted proxy"), ("polling", "trusted proxy")]
+)
 async def test_a_handshake_without_a_session_is_unauthorized_and_draws_nothing(start_chatd, transport, through):
-    # With a trusted proxy every handshake goes through aiohttp; without, the handshake gate
-    # answers cookie-less websocket handshakes first. (Polling handshakes always reach aiohttp.)
-    proxies = ("10.0.0.1",) if through == "aiohttp" else ()
+    # Directly and with a trusted proxy in front (the forwarded middleware runs first): neither draws.
+    proxies = ("10.0.0.1",) if through == "trusted proxy" else ()
     base_url = await start_chatd(guest_burst=2, guest_rate=SLOW, trusted_proxies=proxies)
     no_session = {"message": "unauthorized", "data": {"reason": "no_session"}}
 
