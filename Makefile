@@ -5,20 +5,31 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client
 
-.PHONY: run test bench install vendor dist system-deps cluster clean
+.PHONY: run test test-fast bench install vendor dist system-deps cluster clean
 
 run: install
 	$(PY) -m chatd
 
-# The whole suite, then the socket and HTTP tests again with chatd on PostgreSQL (a
-# throwaway server; see tests/pg_service.py). The second pass leaves out the browser
-# tests, the storage suite (it covers both backends itself) and the process tests
-# (command line and SQLite data dir).
-PG_PASS_IGNORE := --ignore=tests/test_browser.py --ignore=tests/test_storage.py --ignore=tests/test_process.py
+# The whole suite on SQLite, then the tests marked `storage` again with chatd on
+# PostgreSQL (CHATD_TEST_BACKEND=postgres; a throwaway server per pytest-xdist worker,
+# tests/pg_service.py). Tests marked `postgres` start a PostgreSQL of their own whatever
+# the backend (tests/test_storage.py covers both backends, the cluster tests run on it),
+# so the second pass leaves them out. Markers: setup.cfg [tool:pytest].
+# XDIST: two workers (a 2-core machine); loadgroup keeps a module that starts a
+# module-wide server (a cluster, a built wheel) on one worker. XDIST= runs in one process.
+XDIST ?= -n 2 --dist loadgroup
+PG_PASS := -m "storage and not postgres"
 
 test: install system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
-	CHATD_TEST_BACKEND=postgres $(PY) -m pytest $(PG_PASS_IGNORE) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	CHATD_TEST_BACKEND=postgres $(PY) -m pytest $(XDIST) $(PG_PASS) $(PYTEST_ARGS)
+
+# The edit-test loop, in about a minute: no Chromium, PostgreSQL, cluster (Redis, nginx,
+# several chatd processes) or wheel/.pyz build. `make test` (and CI) still runs those.
+FAST := -m "not browser and not postgres and not cluster and not dist"
+
+test-fast: install
+	$(PY) -m pytest $(XDIST) $(FAST) $(PYTEST_ARGS)
 
 # Two chatd processes, a throwaway Redis and nginx on loopback; Ctrl-C stops them all.
 cluster: install

@@ -22,6 +22,7 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 
 from chatd.__main__ import SHUTDOWN_SECONDS, make_runner
+from chatd.accounts import CHEAP_HASHES_ENV
 from chatd.config import Config
 from chatd.sessions import COOKIE_NAME
 from chatd.web import create_app
@@ -29,6 +30,36 @@ from pg_service import pg_database_url, pg_server  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT_TIMEOUT = 3.0
+
+# argon2's cheapest parameters for every chatd the suite starts, in-process or as a
+# `python -m chatd` child (which inherits this environment): registrations, logins and
+# the start-up warm-up then cost microseconds, not ~0.1 s of CPU each. Tests whose point
+# is the cost of real hashing carry @pytest.mark.real_hashes (see chatd/accounts.py).
+os.environ.setdefault(CHEAP_HASHES_ENV, "1")
+
+
+@pytest.fixture(autouse=True)
+def _real_hashes(request, monkeypatch):
+    if request.node.get_closest_marker("real_hashes"):
+        monkeypatch.delenv(CHEAP_HASHES_ENV, raising=False)
+
+
+POSTGRES_FIXTURES = {"pg_server", "own_pg_server"}  # the suite's PostgreSQL, and test_storage's own
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = item.fixturenames
+        # `postgres`: the test starts or uses a PostgreSQL of its own, whatever the suite's backend.
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+        if POSTGRES_FIXTURES.intersection(fixtures) or backend == "postgres":
+            item.add_marker(pytest.mark.postgres)
+        # A module-scoped server (a cluster, a built wheel) is started once per xdist worker
+        # that runs a test of the module: keep such a module's tests on one worker
+        # (`--dist loadgroup`; without xdist the mark does nothing).
+        defs = item._fixtureinfo.name2fixturedefs
+        if any(d[-1].scope == "module" for name in fixtures if (d := defs.get(name))):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 # -- an in-process chatd -------------------------------------------------------
@@ -238,9 +269,28 @@ class SocketClient:
         await self.sio.emit(event, payload)
 
     async def close(self) -> None:
+        if self.sio.connected and self.sio.transport() == "polling":
+            await self._close_polling()
         if self.sio.connected:
             await self.sio.disconnect()
         await self.sio.shutdown()
+
+    async def _close_polling(self) -> None:
+        """Disconnect without waiting out the long-poll: python-engineio's client, once its
+        CLOSE is sent, waits for its pending GET, which the server answers only at its next
+        ping (up to pingInterval + 5 s, 30 s here). A browser does not wait; neither do we:
+        once the CLOSE is out (the write loop has ended), ending the client's own HTTP
+        session ends that GET."""
+        eio = self.sio.eio
+        disconnecting = asyncio.ensure_future(self.sio.disconnect())
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while not disconnecting.done() and time.monotonic() < deadline:
+            if eio.state != "connected" and eio.write_loop_task is None:  # the loop clears it as it ends
+                if eio.http is not None and not eio.http.closed:
+                    await eio.http.close()
+                break
+            await asyncio.sleep(0.01)
+        await disconnecting
 
 
 async def connect_socket(

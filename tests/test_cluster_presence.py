@@ -27,6 +27,8 @@ from nginx_service import NginxService, nginx_missing, start_nginx
 from pg_service import create_database, drop_database
 from redis_service import RedisService, redis_missing, redis_service, skip_or_fail, start_redis  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.cluster
+
 HEARD_WITHIN = 1.0  # SPEC: a room's change reaches every socket within 1 s, on every process
 DEAD_GONE_WITHIN = 15.0  # SPEC: a killed process's sessions leave within 15 s
 

@@ -23,6 +23,8 @@ import pytest
 
 from conftest import ROOT, Visitor, free_port
 
+pytestmark = pytest.mark.dist
+
 # The interpreter under the test virtualenv: "Python 3.11+ and nothing else".
 BARE_PYTHON = getattr(sys, "_base_executable", sys.executable)
 

@@ -245,6 +245,8 @@ async def test_a_head_with_frames_behind_it_goes_to_aiohttp_and_is_refused_the_s
         (client_frame(b"ping!", opcode=9), (10, b"ping!")),  # a ping gets its pong
         (client_frame(b'40/admin,{"x":1}'), (1, b'44/admin,"Unable to connect"')),
     ],
+    # Named, not shown: the frames carry random masks, and pytest-xdist's workers must collect the same ids.
+    ids=["unmasked", "over-the-limit", "binary", "close", "not-utf8", "ping", "other-namespace"],
 )
 async def test_a_refused_websocket_answers_odd_frames_and_nobody_else_notices(base_url, frame, expected):
     raw = await Raw.open(base_url)
