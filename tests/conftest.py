@@ -5,6 +5,7 @@ python-socketio's AsyncClient for sockets). Nothing here is mocked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -269,28 +270,32 @@ class SocketClient:
         await self.sio.emit(event, payload)
 
     async def close(self) -> None:
-        if self.sio.connected and self.sio.transport() == "polling":
-            await self._close_polling()
-        if self.sio.connected:
-            await self.sio.disconnect()
-        await self.sio.shutdown()
+        async with self.no_long_poll_wait():
+            if self.sio.connected:
+                await self.sio.disconnect()
+            await self.sio.shutdown()
 
-    async def _close_polling(self) -> None:
-        """Disconnect without waiting out the long-poll: python-engineio's client, once its
-        CLOSE is sent, waits for its pending GET, which the server answers only at its next
-        ping (up to pingInterval + 5 s, 30 s here). A browser does not wait; neither do we:
-        once the CLOSE is out (the write loop has ended), ending the client's own HTTP
-        session ends that GET."""
-        eio = self.sio.eio
-        disconnecting = asyncio.ensure_future(self.sio.disconnect())
-        deadline = time.monotonic() + EVENT_TIMEOUT
-        while not disconnecting.done() and time.monotonic() < deadline:
-            if eio.state != "connected" and eio.write_loop_task is None:  # the loop clears it as it ends
-                if eio.http is not None and not eio.http.closed:
-                    await eio.http.close()
-                break
-            await asyncio.sleep(0.01)
-        await disconnecting
+    @contextlib.asynccontextmanager
+    async def no_long_poll_wait(self):
+        """Inside: a disconnect over polling (ours, or python-socketio's own after a refused
+        connect) does not wait out the long-poll. python-engineio's client, once its CLOSE
+        is sent, waits for its pending GET, which the server answers only at its next ping
+        (pingInterval + 5 s: 30 s). A browser does not wait; neither do we: once the CLOSE
+        is out (the write loop has ended), ending the client's own HTTP session ends that GET."""
+
+        async def end_the_long_poll() -> None:
+            eio = self.sio.eio
+            while not (eio.state == "disconnecting" and eio.write_loop_task is None):  # the loop clears it as it ends
+                await asyncio.sleep(0.01)
+            if eio.current_transport == "polling" and eio.http is not None and not eio.http.closed:
+                await eio.http.close()
+
+        watcher = asyncio.ensure_future(end_the_long_poll())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
 
 
 async def connect_socket(
@@ -313,7 +318,8 @@ async def refusal(base_url: str, *, cookie: str | None, transport: str = "websoc
         all_headers["Cookie"] = f"{COOKIE_NAME}={cookie}"
     try:
         with pytest.raises(socketio.exceptions.ConnectionError):
-            await client.sio.connect(base_url, headers=all_headers, transports=[transport], wait_timeout=EVENT_TIMEOUT)
+            async with client.no_long_poll_wait():
+                await client.sio.connect(base_url, headers=all_headers, transports=[transport], wait_timeout=EVENT_TIMEOUT)
         # Socket.IO's refusal is a dict; a transport-level one (Engine.IO said no) is a bare string.
         return client.connect_error if isinstance(client.connect_error, dict) else None
     finally:
