@@ -11,25 +11,32 @@ run: install
 	$(PY) -m chatd
 
 # The whole suite on SQLite, then the tests marked `storage` again with chatd on
-# PostgreSQL (CHATD_TEST_BACKEND=postgres; a throwaway server per pytest-xdist worker,
-# tests/pg_service.py). Tests marked `postgres` start a PostgreSQL of their own whatever
-# the backend (tests/test_storage.py covers both backends, the cluster tests run on it),
-# so the second pass leaves them out. Markers: setup.cfg [tool:pytest].
-# XDIST: two workers (a 2-core machine); loadgroup keeps a module that starts a
-# module-wide server (a cluster, a built wheel) on one worker. XDIST= runs in one process.
+# PostgreSQL (CHATD_TEST_BACKEND=postgres; a throwaway server, tests/pg_service.py).
+# Tests marked `postgres` start or use a PostgreSQL of their own whatever the backend
+# (tests/test_storage.py covers both backends, the cluster tests run on it), so the
+# second pass leaves them out. Markers: setup.cfg [tool:pytest].
+# XDIST: two pytest-xdist workers (a 2-core machine), each with its own throwaway
+# servers; loadgroup keeps a module that starts a module-wide server (a cluster, a built
+# wheel) on one worker. Tests marked `serial` measure timing and run afterwards, alone.
+# With PYTEST_ARGS (e.g. one file), a pass that finds nothing in that selection (pytest's
+# exit status 5) is no failure; without, every pass must find tests.
 XDIST ?= -n 2 --dist loadgroup
-PG_PASS := -m "storage and not postgres"
+PYTEST := $(PY) -m pytest
+NONE_SELECTED_IS_OK = $(if $(strip $(PYTEST_ARGS)),|| [ $$? -eq 5 ])
 
 test: install system-deps
-	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
-	CHATD_TEST_BACKEND=postgres $(PY) -m pytest $(XDIST) $(PG_PASS) $(PYTEST_ARGS)
+	$(PYTEST) $(XDIST) -m "not serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	$(PYTEST) -m serial $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	CHATD_TEST_BACKEND=postgres $(PYTEST) $(XDIST) -m "storage and not postgres and not serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	CHATD_TEST_BACKEND=postgres $(PYTEST) -m "storage and not postgres and serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
 
-# The edit-test loop, in about a minute: no Chromium, PostgreSQL, cluster (Redis, nginx,
-# several chatd processes) or wheel/.pyz build. `make test` (and CI) still runs those.
-FAST := -m "not browser and not postgres and not cluster and not dist"
+# The edit-test loop, in well under two minutes: no Chromium, PostgreSQL, cluster (Redis,
+# nginx, several chatd processes) or wheel/.pyz build. `make test` (and CI) runs those too.
+LIGHT := not browser and not postgres and not cluster and not dist
 
 test-fast: install
-	$(PY) -m pytest $(XDIST) $(FAST) $(PYTEST_ARGS)
+	$(PYTEST) $(XDIST) -m "$(LIGHT) and not serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	$(PYTEST) -m "$(LIGHT) and serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
 
 # Two chatd processes, a throwaway Redis and nginx on loopback; Ctrl-C stops them all.
 cluster: install
