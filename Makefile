@@ -16,11 +16,12 @@ run: install
 # (tests/test_storage.py covers both backends, the cluster tests run on it), so the
 # second pass leaves them out. Markers: setup.cfg [tool:pytest].
 # XDIST: two pytest-xdist workers (a 2-core machine), each with its own throwaway
-# servers; loadgroup keeps a module that starts a module-wide server (a cluster, a built
-# wheel) on one worker. Tests marked `serial` measure timing and run afterwards, alone.
+# servers; a module that starts a module-wide server (a cluster, a built wheel) runs whole
+# on one worker (tests/conftest.py). Tests marked `serial` measure timing and run
+# afterwards, alone.
 # With PYTEST_ARGS (e.g. one file), a pass that finds nothing in that selection (pytest's
 # exit status 5) is no failure; without, every pass must find tests.
-XDIST ?= -n 2 --dist loadgroup
+XDIST ?= -n 2
 PYTEST := $(PY) -m pytest
 NONE_SELECTED_IS_OK = $(if $(strip $(PYTEST_ARGS)),|| [ $$? -eq 5 ])
 

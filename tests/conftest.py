@@ -7,11 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,8 +23,8 @@ from chatd.config import Config
 from chatd.sessions import COOKIE_NAME
 from chatd.web import create_app
 from pg_service import pg_database_url, pg_server  # noqa: F401 (fixtures)
+from services import ROOT, ChatdProcess, free_port  # noqa: F401 (for the tests' imports)
 
-ROOT = Path(__file__).resolve().parent.parent
 EVENT_TIMEOUT = 3.0
 
 # argon2's cheapest parameters for every chatd the suite starts, in-process or as a
@@ -48,19 +43,38 @@ def _real_hashes(request, monkeypatch):
 POSTGRES_FIXTURES = {"pg_server", "own_pg_server"}  # the suite's PostgreSQL, and test_storage's own
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        fixtures = item.fixturenames
-        # `postgres`: the test starts or uses a PostgreSQL of its own, whatever the suite's backend.
-        backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
-        if POSTGRES_FIXTURES.intersection(fixtures) or backend == "postgres":
-            item.add_marker(pytest.mark.postgres)
-        # A module-scoped server (a cluster, a built wheel) is started once per xdist worker
-        # that runs a test of the module: keep such a module's tests on one worker
-        # (`--dist loadgroup`; without xdist the mark does nothing).
-        defs = item._fixtureinfo.name2fixturedefs
-        if any(d[-1].scope == "module" for name in fixtures if (d := defs.get(name))):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+def pytest_itemcollected(item):
+    """Marks from what a test uses (as each test is collected: before pytest-xdist reads them)."""
+    fixtures = item.fixturenames
+    # `postgres`: the test starts or uses a PostgreSQL of its own, whatever the suite's backend.
+    backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+    if POSTGRES_FIXTURES.intersection(fixtures) or backend == "postgres":
+        item.add_marker(pytest.mark.postgres)
+    defs = item._fixtureinfo.name2fixturedefs
+    module = Path(item.fspath).name
+    if module not in ONE_WORKER_MODULES and any(d[-1].scope == "module" for n in fixtures if (d := defs.get(n))):
+        raise RuntimeError(f"{module} has a module-scoped fixture: add it to ONE_WORKER_MODULES in {__file__}")
+
+
+# Modules whose tests share a module-scoped server (a cluster, a built wheel), which each
+# pytest-xdist worker running one of their tests would start again: each runs whole on one
+# worker; every other test is sent on its own. (pytest-xdist's `--dist loadgroup` would do
+# it from marks, but it renames node ids, which pytest 9 no longer lets it do.)
+ONE_WORKER_MODULES = {"test_cluster.py", "test_cluster_order.py", "test_cluster_presence.py", "test_dist.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":  # -n alone; an explicit --dist is left alone
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in ONE_WORKER_MODULES else nodeid
+
+    return OneWorkerModules(config, log)
 
 
 # -- an in-process chatd -------------------------------------------------------
@@ -327,63 +341,6 @@ async def refusal(base_url: str, *, cookie: str | None, transport: str = "websoc
 
 
 # -- chatd as a process ----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ChatdProcess:
-    """`python -m chatd` in a subprocess, as a user runs it."""
-
-    def __init__(self, *args: str, data_dir: Path, port: int | None = None, env: dict | None = None) -> None:
-        self.port = port or free_port()
-        self.data_dir = data_dir
-        # Logs go to a file, not a pipe: an unread pipe would block a chatty server.
-        self.log_path = data_dir.parent / f"chatd-{self.port}.log"
-        self.args = ["--port", str(self.port), "--data-dir", str(data_dir), *args]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> str:
-        """Start and wait for the 'serving on' line; the base URL."""
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chatd", *self.args],
-                cwd=ROOT,
-                env=self.env,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                if "serving on" in line:
-                    return self.url
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chatd exited {self.proc.returncode}: {self.proc_output}")
-        raise RuntimeError("chatd did not start in time")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.proc.stdout.close()
-
-    @property
-    def proc_output(self) -> str:
-        """Everything the process wrote to stderr (its log) so far."""
-        return self.log_path.read_text() if self.log_path.exists() else ""
 
 
 @pytest.fixture
