@@ -96,8 +96,11 @@ async def redis_members(cluster: Cluster, room: str) -> dict[str, int]:
 
     redis = Redis.from_url(cluster.redis.url)
     try:
-        holders = await redis.hgetall(f"{PREFIX}room:{room}:holders")
-        members = await redis.hkeys(f"{PREFIX}room:{room}:members")
+        # One transaction: both read at the same moment, never across a script of chatd's.
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(f"{PREFIX}room:{room}:holders")
+            pipe.hkeys(f"{PREFIX}room:{room}:members")
+            holders, members = await pipe.execute()
     finally:
         await redis.aclose()
     assert sorted(holders) == sorted(members)
