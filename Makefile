@@ -31,7 +31,7 @@ test: install system-deps
 	CHATD_TEST_BACKEND=postgres $(PYTEST) $(XDIST) -m "storage and not postgres and not serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
 	CHATD_TEST_BACKEND=postgres $(PYTEST) -m "storage and not postgres and serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
 
-# The edit-test loop, in well under two minutes: no Chromium, PostgreSQL, cluster (Redis,
+# The edit-test loop, in about half a minute: no Chromium, PostgreSQL, cluster (Redis,
 # nginx, several chatd processes) or wheel/.pyz build. `make test` (and CI) runs those too.
 LIGHT := not browser and not postgres and not cluster and not dist
 
