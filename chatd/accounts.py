@@ -43,7 +43,7 @@ def _bytes(password: str) -> bytes:
     return password.encode("utf-8", "surrogatepass")
 
 
-# Internal, for the test suite only (no flag, not in SPEC or the README): set to 1, chatd
+# Internal, for the test suite only (no flag, not in SPEC; the README's Development notes it): set to 1, chatd
 # hashes with argon2's cheapest parameters, so the hundreds of registrations and logins
 # the tests make cost microseconds instead of ~0.1 s of CPU each. Verification reads the
 # parameters from each stored hash, so either kind of hash still verifies.
