@@ -23,6 +23,8 @@ import pytest
 
 from conftest import ROOT, Visitor, free_port
 
+pytestmark = pytest.mark.browser
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 try:

@@ -21,6 +21,8 @@ from cluster_service import Cluster, running_cluster
 from conftest import RawSocket, SocketClient, Visitor, connect_socket, refusal
 from redis_service import redis_service, redis_url  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.cluster
+
 CHAT_BURST = 4
 CHAT_RATE = 0.05  # one token back every 20 s: no refill within a test
 END_WITHIN = 1.0  # SPEC: a session's sockets on every process are disconnected within 1 s

@@ -30,6 +30,8 @@ import pytest
 from cluster_service import Cluster, running_cluster
 from engineio_clients import TRANSPORTS, RawClient, RawWebsocketClient
 
+pytestmark = pytest.mark.cluster
+
 SENDERS_PER_PROCESS = 6
 MESSAGES_PER_SENDER = 40
 LATE_JOINERS = 10

@@ -14,6 +14,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from chatd.sessions import COOKIE_NAME
 from conftest import RawSocket, Visitor, connect_socket, refusal
 
+pytestmark = pytest.mark.storage
+
 MESSAGE_FIELDS = {"id": int, "room": str, "name": str, "msg": str, "ts": float}
 
 

@@ -19,11 +19,14 @@ import logging
 import string
 
 import aiohttp
+import pytest
 import socketio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import RawSocket, SocketClient, Visitor
+
+pytestmark = pytest.mark.storage
 
 EVENTS = ["send chat", "join", "leave", "history"]
 KNOWN_ERRORS = {"invalid_request", "invalid_message", "invalid_room", "not_in_room", "too_many_rooms"}

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import SocketClient, Visitor, by_name
 
+pytestmark = pytest.mark.storage
+
 SQLITE_INT_MAX = 2**63 - 1
 PRESENCE_WINDOW = 0.15  # longer than a small room gathers presence changes
 
