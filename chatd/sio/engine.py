@@ -375,7 +375,8 @@ class EngineServer(engineio.AsyncServer):
     async def close_all(self) -> None:
         for eio_sid in list(self.sockets):
             await self.close_transport(eio_sid)
-        await self.tasks.close()
+        # The websockets' closes just started: cut short, their handlers would hold shutdown.
+        await self.tasks.close(grace=1.0)
 
     def start_background_task(self, target, *args, **kwargs):
         # engine.io keeps one task per socket asleep for the ping interval, even
