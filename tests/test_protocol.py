@@ -35,10 +35,13 @@ TRANSPORTS = ("websocket", "polling", "upgraded")
 SETTINGS = dict(async_mode="aiohttp", ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT, max_http_buffer_size=MAX_PAYLOAD)
 
 
+ENGINE = web.AppKey("engine", EngineServer)
+
+
 def protocol_app() -> web.Application:
     app = web.Application()
 
-    eio = EngineServer(**SETTINGS)
+    eio = app[ENGINE] = EngineServer(**SETTINGS)
 
     async def echo(sid, data):
         await eio.send(sid, data)
@@ -73,9 +76,24 @@ def protocol_app() -> web.Application:
 
 
 @pytest.fixture
-async def base(aiohttp_server) -> str:
-    server = await aiohttp_server(protocol_app())
+async def server(aiohttp_server):
+    return await aiohttp_server(protocol_app())
+
+
+@pytest.fixture
+async def base(server) -> str:
     return f"http://127.0.0.1:{server.port}"
+
+
+async def session_gone(server, sid: str, within: float = 1.0) -> bool:
+    """Whether the Engine.IO session is closed on the server (its disconnect handlers ran) in time."""
+    eio = server.app[ENGINE]
+    deadline = time.monotonic() + within
+    while sid in eio.sockets and not eio.sockets[sid].closed:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 @pytest.fixture
@@ -201,9 +219,8 @@ async def test_upgrade_from_polling_to_websocket(http, base):
 async def test_a_client_close_closes_the_websocket_at_once(http, base, transport):
     conn = await engine(http, base, transport)
     await conn.send("1")
-    started = time.monotonic()
-    assert await conn.ended(within=1.0)
-    assert time.monotonic() - started < 1.0
+    # At once: well before the read timeout (interval + timeout, 0.5 s) would end it anyway.
+    assert await conn.ended(within=0.3)
 
 
 async def test_a_client_close_answers_the_pending_poll_at_once_and_ends_the_session(http, base):
@@ -236,11 +253,15 @@ async def test_an_undecodable_polling_payload_is_400_and_ends_the_session(http, 
 
 @pytest.mark.parametrize("transport", ["websocket", "upgraded"])
 @pytest.mark.parametrize("frame", ["abc", "", "9", "0", "6", "2"])
-async def test_an_undecodable_or_unexpected_frame_closes_the_websocket(http, base, transport, frame):
-    # Item 8: chatd's direct websocket dropped "abc" and stayed open.
+async def test_an_undecodable_or_unexpected_frame_closes_the_websocket(server, http, base, transport, frame, caplog):
+    # Item 8: chatd's direct websocket dropped "abc" and stayed open; engine.io's own
+    # reader (an upgraded connection) ended with a traceback and left the session open.
+    caplog.set_level(logging.WARNING)
     conn = await engine(http, base, transport)
     await conn.send(frame)
-    assert await conn.ended(within=1.0)
+    assert await conn.ended(within=0.3)
+    assert await session_gone(server, conn.sid, within=0.3)
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no traceback
 
 
 async def test_a_second_concurrent_poll_is_400_and_ends_the_session(http, base):
