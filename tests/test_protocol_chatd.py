@@ -163,7 +163,8 @@ async def test_connect_to_another_namespace_gets_a_connect_error_object(chatd, h
     conn = await RawConnection.open(http, chatd + "/socket.io/", "websocket", headers=headers)
     await conn.send("40/random,")
     assert await conn.recv() == '44/random,{"message":"Invalid namespace"}'
-    await conn.close()
+    await conn.send("4abc")  # item 5 on both paths: still open, then closed by what breaks the protocol
+    assert await conn.ended(within=1.0)
 
 
 async def test_chatd_polling_answers_ok_refuses_a_missing_transport_and_a_second_poll(chatd, http):

@@ -532,16 +532,14 @@ INVALID_NAMESPACE = {"message": "Invalid namespace"}  # a CONNECT_ERROR's payloa
 
 def refusal_answer(text: str, refusal: str) -> str | object | None:
     """What a refused websocket answers to a text message: `refusal` (the CONNECT_ERROR)
-    to a CONNECT, an error to a CONNECT elsewhere, nothing to a PONG or another Socket.IO
-    packet, CLOSE to Engine.IO's CLOSE and to what is no Engine.IO or Socket.IO packet."""
+    to a CONNECT, an error to a CONNECT elsewhere, nothing to a PONG; anything else (the
+    client's CLOSE, a packet that breaks the protocol, one that needs a connected socket) CLOSE."""
     if text == "40" or text.startswith("40{"):  # CONNECT to namespace "/"
         return "4" + refusal
     if text.startswith("40/"):  # another namespace: chatd has none
         namespace = text[2:].split(",", 1)[0]
         return f"44{namespace}," + json.dumps(INVALID_NAMESPACE, separators=(",", ":"))
-    if text == "3" or (len(text) > 1 and text[0] == "4" and text[1] in "123456"):
-        return None
-    return CLOSE
+    return None if text == "3" else CLOSE
 
 
 def _ping(socket: AsyncSocket) -> None:
