@@ -15,7 +15,10 @@ most of the server's time. Here:
   as it is sent (in the order of the calls), frames are read in the request's
   own task. Connections upgrading from polling keep engine.io's queue (what
   was queued while polling must go first).
-- `EngineServer`, engine.io's server using those two, with a timer instead of
+- `EngineSocket`, engine.io's socket closing the session on what Engine.IO v4
+  forbids (undecodable packets, a second concurrent long-poll), and ending the
+  transport at the client's CLOSE; `DirectSocket` is one.
+- `EngineServer`, engine.io's server using those, with a timer instead of
   the task per socket that sleeps until the next ping, and an early answer to
   websocket handshakes that can only be refused (no Engine.IO socket, no
   Socket.IO session, no task), still inside aiohttp's request handling.
@@ -291,8 +294,9 @@ class EngineSocket(AsyncSocket):
             if self.closed:
                 break
             await self.receive(pkt)
-        # Raised with nothing awaited since the session closed, so engine.io's handler still
-        # finds it and answers 400 (it answers nothing when a long-poll removed it meanwhile).
+        # Raised with nothing awaited since the CLOSE was queued, so engine.io's handle_request
+        # still finds the session and answers 400 (had a long-poll removed it meanwhile, it
+        # would fail with UnboundLocalError: see upstream U4 in __init__.py).
         if self.input_refused:
             raise ProtocolError("a packet the protocol forbids")
 
