@@ -33,7 +33,8 @@ Private names used, with why, and what would replace them upstream:
 | python-socketio | `AsyncServer._engineio_server_class` | server.py `ChatServer` | serve chatd's `EngineServer` | an `engineio_server_class` option |
 | python-socketio | `AsyncServer._handle_eio_message` | server.py | close the connection on an undecodable packet, a CONNECT_ERROR or unknown type, a CONNECT payload that is no object, an EVENT payload that is no non-empty array (**library at fault**: it raises into engine.io, which logs it, or ignores it; upstream U7); drop binary attachments instead of buffering them | stricter decoding upstream (U7) |
 | python-socketio | `AsyncServer._handle_event`, `_handle_disconnect`, `_send_packet` | server.py | one gate for every event: reserved names ignored, acks when asked, never a raise | an event middleware hook |
-| python-socketio | `AsyncServer._handle_connect` (wrapped), `handlers`, `namespace_handlers`, `namespaces` | server.py `ChatServer` | v5's CONNECT_ERROR object for an unknown namespace (**library at fault**: a bare string; upstream U8); `on_connected` handlers run once the CONNECT answer is sent, so `welcome` follows it | the fix of U8; an "after connect" hook |
+| python-socketio | `AsyncServer._handle_connect` (wrapped), `handlers`, `namespace_handlers`, `namespaces` | server.py `ChatServer` | v5's CONNECT_ERROR object for an unknown namespace (**library at fault**: a bare string; upstream U8); `on_connected` handlers run once the CONNECT answer is sent, so `welcome` follows it; what the socket's rooms broadcast while its connect handler runs is held back (engine.py `EngineSocket.hold`) | the fix of U8; an "after connect" hook |
+| python-socketio | `AsyncServer._send_packet` (wrapped) | server.py `ChatServer` | a CONNECT answer goes before what was held, a CONNECT_ERROR drops it (**library at fault**: a socket is in its rooms, and gets their events, before its CONNECT answer; upstream U9) | U9 |
 | python-socketio | `BaseManager.rooms` layout (`rooms[namespace][room]` bidict), `callbacks`, `pending_connect`, `pending_disconnect` | managers.py `RoomIndex` | a disconnect costs the socket's own rooms, not every room | an indexed manager upstream |
 | python-socketio | `AsyncPubSubManager._publish`, `_listen` | managers.py `RedisClientManager` | control messages on the same channel, in order with the emits | a documented hook for extra messages |
 | aiohttp | `StreamResponse._send_headers_immediately` | engine.py | the 101's headers leave in one write with engine.io's OPEN packet | none needed: a latency nicety |
@@ -45,7 +46,8 @@ Upstream issues to open (their text is in the report of issue 23): U1 engine.io 
 served instead of closing the session; U6 the client's CLOSE leaves the pending long-poll
 and the websocket open until their timeouts; U7 python-socketio: undecodable packets,
 non-array EVENT payloads and bad ack ids leave the connection open; U8 python-socketio:
-CONNECT_ERROR for an unknown namespace is a string, not `{"message": …}`. Also found:
+CONNECT_ERROR for an unknown namespace is a string, not `{"message": …}`; U9 python-socketio:
+room events reach a socket that a connect handler put in a room before its CONNECT answer. Also found:
 `handle_request` fails with UnboundLocalError (HTTP 500) when a POST's EngineIOError
 finds its session already gone (part of U4).
 

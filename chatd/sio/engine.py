@@ -248,6 +248,22 @@ class EngineSocket(AsyncSocket):
 
     input_refused = False  # closed for breaking the protocol
     polling = False  # a long-poll GET is pending
+    held: list | None = None  # packets held back while a Socket.IO CONNECT is answered (see `hold`)
+
+    def hold(self) -> None:
+        """Hold back what is sent from now on until `unhold`: a socket that enters its rooms
+        while its Socket.IO CONNECT is being handled must not get their events before the answer."""
+        self.held = []
+
+    def unhold(self) -> list:
+        """Stop holding; what was held, in order, for the caller to send or drop."""
+        held, self.held = self.held or [], None
+        return held
+
+    async def send(self, pkt) -> None:
+        if self.held is not None:
+            return self.held.append(pkt)
+        await super().send(pkt)
 
     async def close_now(self, refused: bool = False) -> None:
         """Close at once: CLOSE to the client, the disconnect handlers run, the transport ended
@@ -325,7 +341,7 @@ class DirectSocket(EngineSocket):
                 self.server.tasks.spawn(ws.close())
 
     async def send(self, pkt) -> None:
-        if self.websocket is None:
+        if self.websocket is None or self.held is not None:
             return await super().send(pkt)
         if await self.check_ping_timeout():
             self.send_now(pkt)
@@ -383,8 +399,8 @@ def direct_websocket(socket: AsyncSocket | None) -> DirectWebSocket | None:
     if socket is None or socket.closing or socket.closed:
         return None
     ws = getattr(socket, "websocket", None)
-    if ws is None or not ws.direct or not ws.writable():
-        return None
+    if ws is None or not ws.direct or not ws.writable() or socket.held is not None:
+        return None  # (held: sent through `socket.send`, which holds it)
     return ws
 
 
@@ -507,6 +523,15 @@ class EngineServer(engineio.AsyncServer):
         socket = self.sockets.get(eio_sid)
         if socket is not None:
             await socket.close_now()
+
+    def hold(self, eio_sid: str) -> None:
+        socket = self.sockets.get(eio_sid)
+        if socket is not None:
+            socket.hold()
+
+    def unhold(self, eio_sid: str) -> list:
+        socket = self.sockets.get(eio_sid)
+        return socket.unhold() if socket is not None else []
 
     async def refuse_input(self, eio_sid: str) -> None:
         """Close a connection whose client broke the protocol (a POST in progress gets 400)."""
