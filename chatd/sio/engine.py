@@ -248,11 +248,12 @@ class EngineSocket(AsyncSocket):
 
     input_refused = False  # closed for breaking the protocol
     polling = False  # a long-poll GET is pending
-    held: list | None = None  # packets held back while a Socket.IO CONNECT is answered (see `hold`)
+    held: list | None = None  # messages held back while a Socket.IO CONNECT is answered (see `hold`)
 
     def hold(self) -> None:
-        """Hold back what is sent from now on until `unhold`: a socket that enters its rooms
-        while its Socket.IO CONNECT is being handled must not get their events before the answer."""
+        """Hold back the messages sent from now on until `unhold`: a socket that enters its rooms
+        while its Socket.IO CONNECT is being handled must not get their events before the answer.
+        Engine.IO's own packets (PING, CLOSE) are not held."""
         self.held = []
 
     def unhold(self) -> list:
@@ -260,8 +261,11 @@ class EngineSocket(AsyncSocket):
         held, self.held = self.held or [], None
         return held
 
+    def holds(self, pkt) -> bool:
+        return self.held is not None and pkt.packet_type == eio_packet.MESSAGE
+
     async def send(self, pkt) -> None:
-        if self.held is not None:
+        if self.holds(pkt):
             return self.held.append(pkt)
         await super().send(pkt)
 
@@ -341,7 +345,7 @@ class DirectSocket(EngineSocket):
                 self.server.tasks.spawn(ws.close())
 
     async def send(self, pkt) -> None:
-        if self.websocket is None or self.held is not None:
+        if self.websocket is None or self.holds(pkt):
             return await super().send(pkt)
         if await self.check_ping_timeout():
             self.send_now(pkt)
@@ -532,6 +536,14 @@ class EngineServer(engineio.AsyncServer):
     def unhold(self, eio_sid: str) -> list:
         socket = self.sockets.get(eio_sid)
         return socket.unhold() if socket is not None else []
+
+    async def send_held(self, eio_sid: str, held: list) -> None:
+        """Send what `unhold` returned, unless the connection closed meanwhile."""
+        socket = self.sockets.get(eio_sid)
+        for pkt in held:
+            if socket is None or socket.closed:
+                return
+            await socket.send(pkt)
 
     async def refuse_input(self, eio_sid: str) -> None:
         """Close a connection whose client broke the protocol (a POST in progress gets 400)."""

@@ -107,7 +107,13 @@ class ChatServer(socketio.AsyncServer):
             pkt = self.packet_class(packet.CONNECT_ERROR, data=error, namespace=namespace)
             await self._send_packet(eio_sid, pkt)
             return
-        await super()._handle_connect(eio_sid, namespace, data)
+        # The connect handler enters rooms (chatd: `general`) before python-socketio answers
+        # the CONNECT; what they broadcast meanwhile is held back (`_send_packet`).
+        self.eio.hold(eio_sid)
+        try:
+            await super()._handle_connect(eio_sid, namespace, data)
+        finally:
+            self.eio.unhold(eio_sid)  # the CONNECT answer released it, else it is dropped
         sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
         connected = self.connected_handlers.get(namespace)
         if connected is not None and sid is not None and self.manager.is_connected(sid, namespace):
@@ -115,6 +121,17 @@ class ChatServer(socketio.AsyncServer):
                 await connected(sid)
             except Exception:
                 log.exception("the connected handler of %s failed", namespace)
+
+    async def _send_packet(self, eio_sid, pkt):
+        """python-socketio's; a CONNECT answer goes before what was held while it was made
+        (see `_handle_connect`), which follows it; a CONNECT_ERROR drops it (a refused socket
+        gets no room's events)."""
+        if pkt.packet_type not in (packet.CONNECT, packet.CONNECT_ERROR):
+            return await super()._send_packet(eio_sid, pkt)
+        held = self.eio.unhold(eio_sid)
+        await super()._send_packet(eio_sid, pkt)
+        if pkt.packet_type == packet.CONNECT:
+            await self.eio.send_held(eio_sid, held)
 
     async def _handle_event(self, eio_sid, namespace, id, data):  # noqa: A002 (python-socketio's name)
         namespace = namespace or "/"
