@@ -66,12 +66,14 @@ class ChatServer(socketio.AsyncServer):
         return EngineServer  # direct websocket writes, see broadcast.py
 
     async def _handle_eio_message(self, eio_sid, data):
-        """Decode one Socket.IO packet and dispatch it; a packet that cannot be read is dropped.
+        """Decode one Socket.IO packet and dispatch it; one the protocol forbids closes the connection.
 
         python-socketio's own version lets decoding errors (JSON nested too deep,
-        an integer of thousands of digits, an unknown packet type) escape into
-        Engine.IO, which logs a traceback for each, and it buffers binary
-        attachments for as long as a client keeps sending them. chatd's events
+        an integer of thousands of digits, an unknown packet type, an ack id that
+        is no number) escape into Engine.IO, which logs a traceback for each and
+        keeps the connection, ignores an EVENT whose payload is no array, and
+        buffers binary attachments for as long as a client keeps sending them.
+        Socket.IO v5 says such a connection is closed (`well_formed`). chatd's events
         carry JSON only: a binary event is dispatched at once with its
         placeholders in place of the bytes (so its payload is `invalid_request`,
         or the bytes sit in a field that is ignored), and attachments are dropped.
