@@ -46,8 +46,9 @@ async def handshake(http: aiohttp.ClientSession, url: str, cookie: str) -> None:
     async with http.ws_connect(url, headers={"Cookie": f"chatd_session={cookie}"}) as ws:
         assert (await ws.receive_str()).startswith("0{")
         await ws.send_str("40")
-        while not (await ws.receive_str()).startswith("40"):
-            pass  # `welcome` comes just before the CONNECT answer
+        assert (await ws.receive_str()).startswith("40")  # the CONNECT answer…
+        while not (await ws.receive_str()).startswith('42["welcome"'):
+            pass  # …then `welcome`
 
 
 def cpu_seconds(pid: int) -> float:

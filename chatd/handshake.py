@@ -1,4 +1,4 @@
-"""The Socket.IO handshake: the session cookie read, the socket's identity fixed, `welcome` sent.
+"""The Socket.IO handshake: the session cookie read, the socket's identity fixed, `welcome` sent after the CONNECT answer.
 
 python-socketio runs on the same aiohttp app, so the Engine.IO handshake is an
 ordinary aiohttp request that passes through aiohttp-session's middleware. The
@@ -43,6 +43,7 @@ class Handshake:
 
     def __post_init__(self) -> None:
         self.sio.eio.early_refusal = self.early_refusal
+        self.sio.on_connected(self.connected)
 
     async def connect(self, sid: str, environ: dict, auth=None) -> None:
         """python-socketio's connect handler: accept, or refuse with a reason."""
@@ -84,8 +85,16 @@ class Handshake:
         self.endings.watch_expiry(sid, state)
         history, online = await self.rooms.enter(sid, state, DEFAULT_ROOM)
         self.metrics.handshake_accepted()
-        welcome = {"id": user.member_id, **user.public(), "room": DEFAULT_ROOM, "history": history}
-        await self._send_welcome(sid, welcome, online)
+        # Sent once python-socketio has answered the CONNECT (`connected`): a Socket.IO
+        # client drops, or must buffer, an event that comes before that answer.
+        state.welcome = ({"id": user.member_id, **user.public(), "room": DEFAULT_ROOM, "history": history}, online)
+
+    async def connected(self, sid: str) -> None:
+        """The socket's CONNECT answer has been sent: `welcome` goes now."""
+        state = self.sockets.get(sid)
+        if state is not None and state.welcome is not None:
+            (welcome, online), state.welcome = state.welcome, None
+            await self._send_welcome(sid, welcome, online)
 
     async def early_refusal(self, environ: dict) -> str | None:
         """The CONNECT_ERROR `connect` would give a websocket handshake, found before it starts

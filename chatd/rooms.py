@@ -34,6 +34,7 @@ class SocketState:
     user: Identity
     rooms: set[str] = field(default_factory=set)
     expiry: asyncio.TimerHandle | None = None
+    welcome: tuple[dict, Snapshot] | None = None  # made by the connect handler, sent after the CONNECT answer
 
 
 class Rooms:

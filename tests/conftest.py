@@ -392,6 +392,7 @@ class RawSocket:
 
     def __init__(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.http, self.ws = http, ws
+        self.welcome = ""  # the `welcome` packet, for an accepted socket
 
     @classmethod
     async def connect(cls, base_url: str, cookie: str | None) -> tuple[RawSocket, str]:
@@ -402,9 +403,10 @@ class RawSocket:
         raw = cls(http, ws)
         assert (await raw.recv()).startswith("0{")  # Engine.IO open
         await raw.send("40")
-        # chatd emits `welcome` from its connect handler, so it comes just before the CONNECT answer.
-        while (answer := await raw.recv()).startswith("42"):
-            pass
+        # The CONNECT answer comes first; an accepted socket's `welcome` follows it (kept as `welcome`).
+        answer = await raw.recv()
+        if answer.startswith("40"):
+            raw.welcome = await raw.recv_event('42["welcome"')
         return raw, answer
 
     async def send(self, text: str) -> None:

@@ -356,7 +356,7 @@ async def test_random_payloads_at_every_event_get_their_answer_and_disturb_nobod
 # -- frames no client library sends ---------------------------------------------------------
 
 
-async def test_undecodable_and_binary_frames_are_dropped_quietly_and_the_socket_keeps_working(
+async def test_undecodable_frames_close_their_connection_and_binary_ones_are_dropped_quietly(
     visitors, base_url, caplog
 ):
     caplog.set_level(logging.WARNING)
@@ -364,15 +364,25 @@ async def test_undecodable_and_binary_frames_are_dropped_quietly_and_the_socket_
     await bystander.next("welcome")
     visitor = await visitors()
     await visitor.session()
+    # Socket.IO packets inside Engine.IO messages ("4…"); the number after the type is the ack id.
+    # What does not decode breaks the protocol: that connection is closed, quietly, and only it.
+    for frame in (
+        '421["join",' + "[" * 5000 + "]" * 5000 + "]",  # deeper than any JSON parser goes
+        '422["join",{"room":' + "9" * 6000 + "}]",  # more digits than Python reads as an int
+        '423["join",{"room":"x"',  # cut short
+        "4Z",  # no such packet type
+    ):
+        raw, connected = await RawSocket.connect(base_url, visitor.cookie)
+        try:
+            assert connected.startswith("40")
+            await raw.send(frame)
+            assert await raw.recv_event("never") == "", frame[:20]  # closed by the server
+        finally:
+            await raw.close()
     raw, connected = await RawSocket.connect(base_url, visitor.cookie)
     try:
         assert connected.startswith("40")
-        # Socket.IO packets inside Engine.IO messages ("4…"); the number after the type is the ack id.
         for frame in (
-            '421["join",' + "[" * 5000 + "]" * 5000 + "]",  # deeper than any JSON parser goes
-            '422["join",{"room":' + "9" * 6000 + "}]",  # more digits than Python reads as an int
-            '423["join",{"room":"x"',  # cut short
-            "4Z",  # no such packet type
             '439["an ack nobody asked for"]',
             '451-4["join",{"_placeholder":true,"num":0}]',  # a binary event: its header…
         ):
@@ -385,10 +395,10 @@ async def test_undecodable_and_binary_frames_are_dropped_quietly_and_the_socket_
         answers = []
         while not answers or answers[-1][0] != 6:
             packet = await raw.recv()
+            assert packet != "", answers  # still open
             if packet.startswith("43"):
                 answers.append((int(packet[2]), json.loads(packet[3:])[0]))
-        # The undecodable frames got no answer (there is no telling what they asked);
-        # binary payloads are not JSON: invalid_request; and the connection is still good.
+        # Binary payloads are not JSON: invalid_request; and the connection is still good.
         assert [number for number, _ in answers] == [4, 5, 6], answers
         assert answers[0][1]["error"] == answers[1][1]["error"] == "invalid_request", answers
         assert answers[2][1]["ok"] is True and answers[2][1]["room"] == "after-the-noise", answers

@@ -15,7 +15,10 @@ most of the server's time. Here:
   as it is sent (in the order of the calls), frames are read in the request's
   own task. Connections upgrading from polling keep engine.io's queue (what
   was queued while polling must go first).
-- `EngineServer`, engine.io's server using those two, with a timer instead of
+- `EngineSocket`, engine.io's socket closing the session on what Engine.IO v4
+  forbids (undecodable packets, a second concurrent long-poll), and ending the
+  transport at the client's CLOSE; `DirectSocket` is one.
+- `EngineServer`, engine.io's server using those, with a timer instead of
   the task per socket that sleeps until the next ping, and an early answer to
   websocket handshakes that can only be refused (no Engine.IO socket, no
   Socket.IO session, no task), still inside aiohttp's request handling.
@@ -26,16 +29,18 @@ Private names used here are listed in chatd/sio/__init__.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import struct
 import time
 from typing import Awaitable, Callable, Iterable, Sequence
 
 import engineio
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 from aiohttp.web import WebSocketResponse
 from engineio import exceptions
 from engineio import packet as eio_packet
+from engineio import payload as eio_payload
 from engineio.async_drivers.aiohttp import WebSocket as EngineWebSocket
 from engineio.async_socket import AsyncSocket
 
@@ -91,8 +96,8 @@ class DirectWebSocket(EngineWebSocket):
         request = environ["aiohttp.request"]
         # The handler is the engine.io socket's bound `_websocket_handler`. A socket
         # that is already connected is upgrading from polling.
-        socket: AsyncSocket = self.handler.__self__
-        websocket_first = not socket.connected and type(socket) is AsyncSocket
+        socket: EngineSocket = self.handler.__self__
+        websocket_first = not socket.connected and type(socket) is EngineSocket
         self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=self.compression)
         if websocket_first:
             # Hold the 101 response's headers back, to leave in one write with engine.io's OPEN.
@@ -171,6 +176,22 @@ class DirectWebSocket(EngineWebSocket):
         else:
             await super().send(message)
 
+    async def wait(self):
+        """The next frame, for engine.io's own reader (upgraded or compressed connections).
+
+        engine.io decodes what this returns outside any `try`, so a frame that is
+        no Engine.IO packet would end its reader with a traceback and leave the
+        session open: here the session is closed, as the protocol asks, and the
+        reader sees its connection end (OSError).
+        """
+        data = await super().wait()
+        try:
+            eio_packet.Packet(encoded_packet=data)
+        except Exception:
+            await self.handler.__self__.close_now(refused=True)
+            raise OSError("not an Engine.IO packet") from None
+        return data
+
 
 class Flusher:
     """Flushes, at the end of the event-loop turn, every websocket written to in it.
@@ -205,7 +226,102 @@ class Flusher:
         self._last_flush = time.monotonic()
 
 
-class DirectSocket(AsyncSocket):
+class ProtocolError(exceptions.EngineIOError):
+    """A client broke the Engine.IO or Socket.IO protocol; its session is closed (HTTP 400 for a poll or POST)."""
+
+
+# What an Engine.IO v4 client sends on an open session (its probe PING is read by the
+# upgrade itself): anything else, like a packet that does not decode, closes the session.
+CLIENT_PACKETS = frozenset({eio_packet.PONG, eio_packet.MESSAGE, eio_packet.UPGRADE, eio_packet.CLOSE})
+
+
+class EngineSocket(AsyncSocket):
+    """engine.io's socket, closing the session on what the protocol forbids (engine.io ignores it).
+
+    - A packet that does not decode, or of a type no client sends, closes the
+      session: a POST that carries it gets 400, a websocket is closed.
+    - A second long-poll while one is pending closes the session: the pending
+      one gets CLOSE, the second 400.
+    - The client's CLOSE ends the transport at once: a pending long-poll gets
+      NOOP, a websocket is closed (engine.io leaves both to their timeouts).
+    """
+
+    input_refused = False  # closed for breaking the protocol
+    polling = False  # a long-poll GET is pending
+    held: list | None = None  # messages held back while a Socket.IO CONNECT is answered (see `hold`)
+
+    def hold(self) -> None:
+        """Hold back the messages sent from now on until `unhold`: a socket that enters its rooms
+        while its Socket.IO CONNECT is being handled must not get their events before the answer.
+        Engine.IO's own packets (PING, CLOSE) are not held."""
+        self.held = []
+
+    def unhold(self) -> list:
+        """Stop holding; what was held, in order, for the caller to send or drop."""
+        held, self.held = self.held or [], None
+        return held
+
+    def holds(self, pkt) -> bool:
+        return self.held is not None and pkt.packet_type == eio_packet.MESSAGE
+
+    async def send(self, pkt) -> None:
+        if self.holds(pkt):
+            return self.held.append(pkt)
+        await super().send(pkt)
+
+    async def close_now(self, refused: bool = False) -> None:
+        """Close at once: CLOSE to the client, the disconnect handlers run, the transport ended
+        (a pending long-poll answered, a websocket's writer ended), without waiting for the queue."""
+        self.input_refused = self.input_refused or refused
+        await self.close(wait=False)
+        self.queue.put_nowait(None)
+
+    async def receive(self, pkt) -> None:
+        if pkt.packet_type not in CLIENT_PACKETS:
+            return await self.close_now(refused=True)
+        await super().receive(pkt)
+        if pkt.packet_type == eio_packet.CLOSE:
+            if not self.upgraded:
+                self.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # the pending long-poll's answer
+            self.queue.put_nowait(None)
+
+    async def handle_get_request(self, environ):
+        if environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            return await super().handle_get_request(environ)
+        if self.polling:
+            await self.close_now(refused=True)
+            raise ProtocolError("a second long-poll while one is pending")
+        self.polling = True
+        try:
+            return await super().handle_get_request(environ)
+        finally:
+            self.polling = False
+
+    async def handle_post_request(self, environ) -> None:
+        """engine.io's, but a payload that does not decode closes the session (engine.io answers
+        200 and logs a traceback), and so does one too long (engine.io waits for a poll first)."""
+        length = int(environ.get("CONTENT_LENGTH", "0"))
+        if length > self.server.max_http_buffer_size:
+            await self.close_now(refused=True)
+            raise exceptions.ContentTooLongError()
+        body = await environ["wsgi.input"].read(length)
+        try:
+            packets = eio_payload.Payload(encoded_payload=body.decode("utf-8")).packets
+        except Exception:
+            await self.close_now(refused=True)
+            raise ProtocolError("an undecodable payload") from None
+        for pkt in packets:
+            if self.closed:
+                break
+            await self.receive(pkt)
+        # Raised with nothing awaited since the CLOSE was queued, so engine.io's handle_request
+        # still finds the session and answers 400 (had a long-poll removed it meanwhile, it
+        # would fail with UnboundLocalError: see upstream U4 in __init__.py).
+        if self.input_refused:
+            raise ProtocolError("a packet the protocol forbids")
+
+
+class DirectSocket(EngineSocket):
     """An engine.io socket on a direct websocket: no queue, no writer task, no task per received frame.
 
     engine.io's own socket keeps, for every websocket, a writer task waiting on
@@ -229,7 +345,7 @@ class DirectSocket(AsyncSocket):
                 self.server.tasks.spawn(ws.close())
 
     async def send(self, pkt) -> None:
-        if self.websocket is None:
+        if self.websocket is None or self.holds(pkt):
             return await super().send(pkt)
         if await self.check_ping_timeout():
             self.send_now(pkt)
@@ -263,13 +379,17 @@ class DirectSocket(AsyncSocket):
                     break  # closed, closing or broken (aiohttp enforces max_msg_size)
                 try:
                     pkt = eio_packet.Packet(encoded_packet=msg.data)
+                except Exception:  # not an Engine.IO packet: the protocol says close
+                    await self.close_now(refused=True)
+                    break
+                try:
                     await self.receive(pkt)
-                except exceptions.UnknownPacketError:
-                    pass
                 except exceptions.SocketIsClosedError:
                     break
                 except Exception:
                     log.debug("could not handle a frame", exc_info=True)
+                if self.closed:  # the client's CLOSE, or a packet that broke the protocol
+                    break
         finally:
             # Also when aiohttp cancels this task because the connection went away:
             # the socket first (its disconnect handlers run now), then the websocket,
@@ -283,8 +403,8 @@ def direct_websocket(socket: AsyncSocket | None) -> DirectWebSocket | None:
     if socket is None or socket.closing or socket.closed:
         return None
     ws = getattr(socket, "websocket", None)
-    if ws is None or not ws.direct or not ws.writable():
-        return None
+    if ws is None or not ws.direct or not ws.writable() or socket.held is not None:
+        return None  # (held: sent through `socket.send`, which holds it)
     return ws
 
 
@@ -311,14 +431,51 @@ class EngineServer(engineio.AsyncServer):
             refusal = await self.early_refusal(environ)
             if refusal is not None:
                 return await self._refuse_websocket(environ, refusal)
-        return await super()._handle_connect(environ, transport, jsonp_index)
+        return await self._open_session(environ, transport, jsonp_index)
+
+    async def _open_session(self, environ, transport, jsonp_index):
+        """engine.io's `_handle_connect`, with chatd's socket class and an OPEN packet whose
+        pingInterval is right below a second (engine.io rounds 0.3 s down to 0)."""
+        if self.start_service_task:  # engine.io's sweep of closed and timed-out sockets
+            self.start_service_task = False
+            self.service_task_handle = self.start_background_task(self._service_task)
+        sid = self.generate_id()
+        socket = self.sockets[sid] = EngineSocket(self, sid)
+        await socket.send(eio_packet.Packet(eio_packet.OPEN, self.open_data(sid, self._upgrades(sid, transport))))
+        ret = await self._trigger_event("connect", sid, environ, run_async=False)
+        if ret is not None and ret is not True:
+            del self.sockets[sid]
+            return self._unauthorized(ret or None)
+        socket.schedule_ping()
+        if transport == "websocket":
+            ret = await socket.handle_get_request(environ)
+            if socket.closed:
+                self.sockets.pop(sid, None)
+            return ret
+        socket.connected = True
+        try:
+            return self._ok(await socket.poll(), jsonp_index=jsonp_index)
+        except exceptions.QueueEmpty:
+            return self._bad_request()
+
+    async def handle_request(self, request, *args, **kwargs):
+        # engine.io takes a request without `transport` for polling; the protocol makes it mandatory.
+        if "transport" not in request.query:
+            return web.Response(status=400, content_type="text/plain", text='"Missing transport"')
+        return await super().handle_request(request, *args, **kwargs)
+
+    def _ok(self, packets=None, headers=None, jsonp_index=None):
+        response = super()._ok(packets, headers=headers, jsonp_index=jsonp_index)
+        if packets is None:
+            response["response"] = b"ok"  # the protocol's answer to a POST (engine.io says "OK")
+        return response
 
     async def _refuse_websocket(self, environ, refusal: str) -> WebSocketResponse:
         """Open the websocket as engine.io does, answer the client's CONNECT with `refusal`, wait for it to go."""
         ws = WebSocketResponse(max_msg_size=self.max_http_buffer_size, compress=False)
         ws._send_headers_immediately = False  # the headers leave with the OPEN packet
         http_writer = await ws.prepare(environ["aiohttp.request"])
-        await http_writer.write(websocket_frame(self.open_packet()))
+        await http_writer.write(websocket_frame(self.open_packet(self.generate_id())))
         while True:
             try:
                 msg = await ws.receive(timeout=self.refusal_timeout)
@@ -339,18 +496,18 @@ class EngineServer(engineio.AsyncServer):
         """How long a refused websocket may stay open: a client's CONNECT comes at once."""
         return self.ping_interval + self.ping_timeout
 
-    def open_packet(self) -> str:
-        """Engine.IO's OPEN packet (encoded) for a new websocket, as engine.io would send it."""
-        return eio_packet.Packet(
-            eio_packet.OPEN,
-            {
-                "sid": self.generate_id(),
-                "upgrades": [],
-                "pingTimeout": int(self.ping_timeout * 1000),
-                "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
-                "maxPayload": self.max_http_buffer_size,
-            },
-        ).encode()
+    def open_packet(self, sid: str) -> str:
+        """Engine.IO's OPEN packet (encoded) for a new websocket."""
+        return eio_packet.Packet(eio_packet.OPEN, self.open_data(sid, [])).encode()
+
+    def open_data(self, sid: str, upgrades: list[str]) -> dict:
+        return {
+            "sid": sid,
+            "upgrades": upgrades,
+            "pingTimeout": round(self.ping_timeout * 1000),
+            "pingInterval": round((self.ping_interval + self.ping_interval_grace_period) * 1000),
+            "maxPayload": self.max_http_buffer_size,
+        }
 
     def direct_websocket(self, eio_sid: str) -> DirectWebSocket | None:
         """The connection's websocket when packets may be written to it directly, else None."""
@@ -369,8 +526,30 @@ class EngineServer(engineio.AsyncServer):
         (engine.io's own `disconnect()` waits, and hangs for good on a client gone mid-close)."""
         socket = self.sockets.get(eio_sid)
         if socket is not None:
-            await socket.close(wait=False)  # sends CLOSE, runs the disconnect handlers
-            socket.queue.put_nowait(None)  # ends the writer, which closes a websocket
+            await socket.close_now()
+
+    def hold(self, eio_sid: str) -> None:
+        socket = self.sockets.get(eio_sid)
+        if socket is not None:
+            socket.hold()
+
+    def unhold(self, eio_sid: str) -> list:
+        socket = self.sockets.get(eio_sid)
+        return socket.unhold() if socket is not None else []
+
+    async def send_held(self, eio_sid: str, held: list) -> None:
+        """Send what `unhold` returned, unless the connection closed meanwhile."""
+        socket = self.sockets.get(eio_sid)
+        for pkt in held:
+            if socket is None or socket.closed:
+                return
+            await socket.send(pkt)
+
+    async def refuse_input(self, eio_sid: str) -> None:
+        """Close a connection whose client broke the protocol (a POST in progress gets 400)."""
+        socket = self.sockets.get(eio_sid)
+        if socket is not None:
+            await socket.close_now(refused=True)
 
     async def close_all(self) -> None:
         for eio_sid in list(self.sockets):
@@ -390,17 +569,19 @@ class EngineServer(engineio.AsyncServer):
 CLOSE = object()
 
 
+INVALID_NAMESPACE = {"message": "Invalid namespace"}  # a CONNECT_ERROR's payload is an object in Socket.IO v5
+
+
 def refusal_answer(text: str, refusal: str) -> str | object | None:
     """What a refused websocket answers to a text message: `refusal` (the CONNECT_ERROR)
-    to a CONNECT, an error to a CONNECT elsewhere, CLOSE to Engine.IO's CLOSE, else nothing."""
+    to a CONNECT, an error to a CONNECT elsewhere, nothing to a PONG; anything else (the
+    client's CLOSE, a packet that breaks the protocol, one that needs a connected socket) CLOSE."""
     if text == "40" or text.startswith("40{"):  # CONNECT to namespace "/"
         return "4" + refusal
     if text.startswith("40/"):  # another namespace: chatd has none
         namespace = text[2:].split(",", 1)[0]
-        return f'44{namespace},"Unable to connect"'
-    if text == "1":  # Engine.IO CLOSE
-        return CLOSE
-    return None
+        return f"44{namespace}," + json.dumps(INVALID_NAMESPACE, separators=(",", ":"))
+    return None if text == "3" else CLOSE
 
 
 def _ping(socket: AsyncSocket) -> None:
