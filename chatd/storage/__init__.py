@@ -23,6 +23,9 @@ again, and two at once cannot both insert it.
 from __future__ import annotations
 
 import abc
+import asyncio
+import logging
+import time
 from typing import AsyncIterator
 from dataclasses import dataclass
 
@@ -31,6 +34,9 @@ HISTORY_MAX = 100
 MAX_ID = 2**63 - 1
 
 CLIENT_ID_SECONDS = 24 * 3600  # SPEC: a client_id repeated within 24 hours is the same send
+CLIENT_ID_PRUNE_EVERY = 600.0  # seconds between removals of expired client_ids
+
+log = logging.getLogger("chatd.storage")
 
 HISTORY_COLUMNS = "room, id, name, account, msg, ts, rev, edited"
 
@@ -201,3 +207,16 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def clear(self) -> None:
         """Delete every row of every table (the schema stays)."""
+
+
+async def prune_client_ids_forever(storage: Storage, every: float = CLIENT_ID_PRUNE_EVERY) -> None:
+    """Remove expired client_ids now and every `every` seconds (a background task of the app's;
+    a key past its day is ignored by sends anyway, so a missed round only costs space)."""
+    while True:
+        try:
+            removed = await storage.prune_client_ids(time.time() - CLIENT_ID_SECONDS)
+            if removed:
+                log.debug("removed %d expired client_ids", removed)
+        except StorageError as exc:
+            log.warning("could not remove expired client_ids: %s", exc)
+        await asyncio.sleep(every)
