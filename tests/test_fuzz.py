@@ -235,7 +235,7 @@ class Fuzzing:
         assert outcome == {"ok"}, (outcome, ack)
         room = "general" if payload.get("room") is None else payload["room"]
         if event == "send chat":
-            assert set(ack) == {"ok", "id"} and is_int(ack["id"]), ack
+            assert set(ack) == {"ok", "id", "rev"} and is_int(ack["id"]) and is_int(ack["rev"]), ack
             await self.delivered(ack["id"], room, payload["msg"].strip())
         elif event == "join":
             assert set(ack) == {"ok", "room", "history", "online"} and ack["room"] == room, ack
@@ -248,7 +248,7 @@ class Fuzzing:
             assert ack == {"ok": True}
             self.joined.discard(room)
         else:
-            assert set(ack) == {"ok", "messages"}, ack
+            assert set(ack) == {"ok", "messages", "rev"}, ack
             assert all(m["room"] == room for m in ack["messages"])
             assert [m["id"] for m in ack["messages"]] == expected_history(self.room_ids.get(room, []), payload)
 

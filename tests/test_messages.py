@@ -9,13 +9,14 @@ processes)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
 
 from chatd.storage import CLIENT_ID_SECONDS, TABLES
 from chatd.storage.copy import open_storage
-from conftest import TEST_BACKEND
+from conftest import TEST_BACKEND, Visitor
 from test_storage import backend, open_at, place, storage  # noqa: F401 (fixtures, both backends)
 
 pytestmark = pytest.mark.storage
@@ -375,3 +376,36 @@ async def test_a_deleted_message_and_its_earlier_versions_are_in_no_table_nor_fi
             data = path.read_bytes()
             for secret in secrets:
                 assert secret.encode() not in data, path.name
+
+
+# -- durability ----------------------------------------------------------------------------
+
+
+async def test_acked_edits_and_deletes_survive_kill_9(chatd_process):
+    """SPEC: acked means on disk. 60 messages, then 40 edits and 20 deletes sent at once,
+    SIGKILL (no shutdown) the moment the last ack is in: every acked change is stored."""
+    process = chatd_process("--chat-rate", "0")
+    visitor = Visitor(process.start())
+    socket = await joined(visitor)
+    ids = [r["id"] for r in await asyncio.gather(*(send(socket, f"m{i}") for i in range(60)))]
+    edits = {id_: f"edited {id_}" for id_ in ids if id_ % 3 != 0}
+    deletes = [id_ for id_ in ids if id_ % 3 == 0]
+    acks = await asyncio.gather(
+        *(socket.call("edit chat", {"room": "general", "id": id_, "msg": text}) for id_, text in edits.items()),
+        *(socket.call("delete chat", {"room": "general", "id": id_}) for id_ in deletes),
+    )
+    process.stop(signal.SIGKILL)
+    await visitor.close()
+    assert all(a["ok"] for a in acks), acks
+    acked_revs = sorted(a["rev"] for a in acks)
+
+    again = Visitor(chatd_process("--chat-rate", "0").start())
+    socket = await joined(again)
+    changes, since = [], 0
+    while page := (await latest(socket, since=since, limit=100))["messages"]:
+        changes += page
+        since = page[-1]["rev"]
+    await again.close()
+    assert sorted(c["rev"] for c in changes) == acked_revs  # every message was changed after it was sent
+    assert {c["id"]: c["msg"] for c in changes if not c.get("deleted")} == edits
+    assert sorted(c["id"] for c in changes if c.get("deleted")) == deletes
