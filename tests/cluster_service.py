@@ -33,18 +33,21 @@ class Cluster:
     b: ChatdProcess
     nginx: NginxService
     key: str
+    more: tuple[ChatdProcess, ...] = ()  # a third process and on, when asked for
 
     @property
-    def processes(self) -> tuple[ChatdProcess, ChatdProcess]:
-        return self.a, self.b
+    def processes(self) -> tuple[ChatdProcess, ...]:
+        return (self.a, self.b, *self.more)
 
 
 _numbers = itertools.count(1)
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, pg_server_url: str, *flags: str, balance: str | None = None) -> Iterator[Cluster]:
-    """Start everything (each process with `flags`, plus the shared URLs); stop it all afterwards.
+def running_cluster(
+    root: Path, pg_server_url: str, *flags: str, balance: str | None = None, processes: int = 2
+) -> Iterator[Cluster]:
+    """Start everything (`processes` chatds, each with `flags`, plus the shared URLs); stop it all afterwards.
 
     `balance`: nginx's balancing line instead of ip_hash (see nginx_service.server_block).
     """
@@ -58,14 +61,16 @@ def running_cluster(root: Path, pg_server_url: str, *flags: str, balance: str | 
     started: list = [redis]
     try:
         shared = ["--redis-url", redis.url, "--database-url", database_url, "--trusted-proxy", "127.0.0.1"]
-        a = ChatdProcess(*shared, *flags, data_dir=root / "a" / "data", env={"CHATD_SECRET_KEYS": key})
-        b = ChatdProcess(*shared, *flags, data_dir=root / "b" / "data", env={"CHATD_SECRET_KEYS": key})
-        for process in (a, b):
+        chatds = [
+            ChatdProcess(*shared, *flags, data_dir=root / name / "data", env={"CHATD_SECRET_KEYS": key})
+            for name in "abcdefgh"[:processes]
+        ]
+        for process in chatds:
             process.start()
             started.append(process)
-        nginx = start_nginx([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], balance=balance)
+        nginx = start_nginx([f"127.0.0.1:{p.port}" for p in chatds], balance=balance)
         started.append(nginx)
-        yield Cluster(redis, database_url, a, b, nginx, key)
+        yield Cluster(redis, database_url, chatds[0], chatds[1], nginx, key, tuple(chatds[2:]))
     finally:
         for part in reversed(started):
             part.stop()
