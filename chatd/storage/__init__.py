@@ -26,8 +26,11 @@ import abc
 import asyncio
 import logging
 import time
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 from dataclasses import dataclass
+
+if TYPE_CHECKING:
+    from .group_commit import GroupCommit
 
 HISTORY_DEFAULT = 50
 HISTORY_MAX = 100
@@ -123,7 +126,9 @@ class Storage(abc.ABC):
     async def ping(self) -> None:
         """Raise StorageError when storage cannot answer."""
 
-    @abc.abstractmethod
+    # Every backend stores new messages through a GroupCommit (group_commit.py) of its own.
+    _group_commit: "GroupCommit"
+
     async def add_message(
         self,
         room: str,
@@ -141,22 +146,30 @@ class Storage(abc.ABC):
         with `client_id` too, a repeat of a send kept for the last day stores
         nothing and returns `{"room","id","rev","duplicate": True}` of the first.
         """
+        return await self._group_commit.submit(
+            {"room": room, "name": name, "account": account, "msg": msg, "ts": ts, "author": author, "client_id": client_id}
+        )
 
-    @abc.abstractmethod
     async def edit_message(self, room: str, id_: int, author: str | None, msg: str, now: float) -> dict:
         """Replace a message's text (its author only), under the room's next rev; the new Message.
 
         Raises ChangeRefused("not_found") for no such (or a deleted) message, ("forbidden") for another author.
         """
+        return await self._change(room, id_, author, msg, now, False)
 
-    @abc.abstractmethod
     async def delete_message(self, room: str, id_: int, author: str | None, *, any_author: bool = False) -> dict:
         """Erase a message (its author's, or anyone's with `any_author`), under the room's next rev.
 
         The text is gone from storage when this returns; `{"room","id","rev"}`. ChangeRefused as for edits.
         """
+        return await self._change(room, id_, author, None, 0.0, any_author)
 
     @abc.abstractmethod
+    async def _change(
+        self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool
+    ) -> dict:
+        """An edit (`msg`) or a delete (`msg` None) in one transaction with the room's next rev."""
+
     async def history(
         self,
         room: str,
@@ -168,6 +181,15 @@ class Storage(abc.ABC):
     ) -> list[dict]:
         """Messages of a room, oldest first: the latest, those just before `before`, or the first after `after`;
         or with `since`, the changes after that rev in rev order (Messages and deletions)."""
+        template, args, newest_first = history_query(room, before, after, limit, since)
+        rows = await self._history_rows(template, args, changes=since is not None)
+        if newest_first:
+            rows.reverse()
+        return rows
+
+    @abc.abstractmethod
+    async def _history_rows(self, template: str, args: tuple, *, changes: bool) -> list[dict]:
+        """Run a `history_query` (`{}` for each parameter); rows as Messages (and deletions, for `changes`)."""
 
     @abc.abstractmethod
     async def revision(self, room: str) -> tuple[int, int]:

@@ -18,20 +18,8 @@ from typing import AsyncIterator
 import asyncpg
 from yarl import URL
 
-from . import (
-    CLIENT_ID_SECONDS,
-    HISTORY_COLUMNS,
-    HISTORY_DEFAULT,
-    PRIMARY_KEYS,
-    TABLES,
-    Account,
-    ChangeRefused,
-    Storage,
-    StorageError,
-    deletion,
-    history_query,
-    message_dict,
-)
+from . import CLIENT_ID_SECONDS, HISTORY_COLUMNS, PRIMARY_KEYS, TABLES, Account, ChangeRefused, Storage, StorageError
+from . import deletion, message_dict
 from .group_commit import GroupCommit
 
 CONNECT_SECONDS = 5.0
@@ -224,21 +212,6 @@ class PostgresStorage(Storage):
 
     # -- messages --------------------------------------------------------------
 
-    async def add_message(
-        self,
-        room: str,
-        name: str,
-        account: str | None,
-        msg: str,
-        ts: float,
-        *,
-        author: str | None = None,
-        client_id: str | None = None,
-    ) -> dict:
-        return await self._group_commit.submit(
-            {"room": room, "name": name, "account": account, "msg": msg, "ts": ts, "author": author, "client_id": client_id}
-        )
-
     async def _insert_batch(self, messages: list[dict]) -> list[dict]:
         firsts: dict[tuple, int] = {}  # key -> position of its first send in this batch
         for pos, message in enumerate(messages):
@@ -323,12 +296,6 @@ class PostgresStorage(Storage):
             stored.append(message_dict(m["room"], id_, m["name"], m["account"], m["msg"], m["ts"], rev, None))
         return stored
 
-    async def edit_message(self, room: str, id_: int, author: str | None, msg: str, now: float) -> dict:
-        return await self._change(room, id_, author, msg, now, False)
-
-    async def delete_message(self, room: str, id_: int, author: str | None, *, any_author: bool = False) -> dict:
-        return await self._change(room, id_, author, None, 0.0, any_author)
-
     async def _change(self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool) -> dict:
         """An edit (`msg`) or a delete (`msg` None) in one transaction with the room's next rev.
 
@@ -361,23 +328,11 @@ class PostgresStorage(Storage):
                 )
             )  # fmt: skip
 
-    async def history(
-        self,
-        room: str,
-        *,
-        before: int | None = None,
-        after: int | None = None,
-        since: int | None = None,
-        limit: int = HISTORY_DEFAULT,
-    ) -> list[dict]:
-        template, args, newest_first = history_query(room, before, after, limit, since)
+    async def _history_rows(self, template: str, args: tuple, *, changes: bool) -> list[dict]:
+        convert = _history_change if changes else _message
         sql = template.format(*(f"${i}" for i in range(1, len(args) + 1)))
-        convert = _message if since is None else _history_change
         async with self._connection() as conn:
-            rows = [convert(r) for r in await conn.fetch(sql, *args)]
-        if newest_first:
-            rows.reverse()
-        return rows
+            return [convert(r) for r in await conn.fetch(sql, *args)]
 
     async def revision(self, room: str) -> tuple[int, int]:
         async with self._connection() as conn:

@@ -21,7 +21,6 @@ import aiosqlite
 from . import (
     CLIENT_ID_SECONDS,
     HISTORY_COLUMNS,
-    HISTORY_DEFAULT,
     MAX_ID,
     PRIMARY_KEYS,
     TABLES,
@@ -30,7 +29,6 @@ from . import (
     Storage,
     StorageError,
     deletion,
-    history_query,
     message_dict,
 )
 from .group_commit import GroupCommit
@@ -447,31 +445,10 @@ class SqliteStorage(Storage):
 
     # -- messages --------------------------------------------------------------
 
-    async def add_message(
-        self,
-        room: str,
-        name: str,
-        account: str | None,
-        msg: str,
-        ts: float,
-        *,
-        author: str | None = None,
-        client_id: str | None = None,
-    ) -> dict:
-        return await self._group_commit.submit(
-            {"room": room, "name": name, "account": account, "msg": msg, "ts": ts, "author": author, "client_id": client_id}
-        )
-
-    async def edit_message(self, room: str, id_: int, author: str | None, msg: str, now: float) -> dict:
-        return await self._writer_or_fail().change(room, id_, author, msg, now, False)
-
-    async def delete_message(self, room: str, id_: int, author: str | None, *, any_author: bool = False) -> dict:
-        return await self._writer_or_fail().change(room, id_, author, None, 0.0, any_author)
-
-    def _writer_or_fail(self) -> _MessageWriter:
+    async def _change(self, *args) -> dict:
         if self._writer is None:
             raise StorageError("storage is not open")
-        return self._writer
+        return await self._writer.change(*args)
 
     async def _insert_batch(self, messages: list[dict]) -> list[dict]:
         """One transaction for everything that arrived together, in one trip to the writer thread."""
@@ -479,23 +456,10 @@ class SqliteStorage(Storage):
             raise StorageError("storage is not open")
         return await self._writer.insert(messages)
 
-    async def history(
-        self,
-        room: str,
-        *,
-        before: int | None = None,
-        after: int | None = None,
-        since: int | None = None,
-        limit: int = HISTORY_DEFAULT,
-    ) -> list[dict]:
-        template, args, newest_first = history_query(room, before, after, limit, since)
-        sql = template.format(*("?" * len(args)))
-        convert = _message if since is None else _history_change
-        async with self._turn, self.db.execute(sql, args) as cur:
-            rows = [convert(r) for r in await cur.fetchall()]
-        if newest_first:
-            rows.reverse()
-        return rows
+    async def _history_rows(self, template: str, args: tuple, *, changes: bool) -> list[dict]:
+        convert = _history_change if changes else _message
+        async with self._turn, self.db.execute(template.format(*("?" * len(args))), args) as cur:
+            return [convert(r) for r in await cur.fetchall()]
 
     async def revision(self, room: str) -> tuple[int, int]:
         async with self._turn, self.db.execute(
