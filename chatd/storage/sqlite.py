@@ -239,7 +239,8 @@ class _MessageWriter:
             for pos, message in enumerate(messages):
                 if pos not in repeats:
                     counts[message["room"]] = counts.get(message["room"], 0) + 1
-            next_id: dict[str, list[int]] = {}
+            next_id: dict[str, int] = {}
+            next_rev: dict[str, int] = {}
             for room, count in counts.items():
                 last_id, last_rev = conn.execute(
                     "INSERT INTO room_counters (room, last_id, last_rev) VALUES (?, ?, ?) "
@@ -249,31 +250,33 @@ class _MessageWriter:
                 ).fetchone()
                 if not isinstance(last_id, int) or last_id > MAX_ID or not isinstance(last_rev, int):
                     raise StorageError(f"room {room!r} has used up its message ids")  # an overflow is a float
-                next_id[room] = [last_id - count + 1, last_rev - count + 1]
-            stored: list[dict] = []
+                next_id[room], next_rev[room] = last_id - count + 1, last_rev - count + 1
+            answers: list = []
+            rows = []
             for pos, message in enumerate(messages):
                 if pos in repeats:
-                    stored.append({})
+                    answers.append(None)
                     continue
-                id_, rev = next_id[message["room"]]
-                next_id[message["room"]] = [id_ + 1, rev + 1]
-                stored.append({"id": id_, **message, "rev": rev})
-            rows = [m for m in stored if m]
+                room = message["room"]
+                id_, rev = next_id[room], next_rev[room]
+                next_id[room], next_rev[room] = id_ + 1, rev + 1
+                name, account, msg, ts = message["name"], message["account"], message["msg"], message["ts"]
+                answers.append(message_dict(room, id_, name, account, msg, ts, rev, None))
+                rows.append((room, id_, name, account, msg, ts, rev, message["author"]))
             conn.executemany(
                 "INSERT INTO messages (room, id, name, account, msg, ts, rev, author) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(m["room"], m["id"], m["name"], m["account"], m["msg"], m["ts"], m["rev"], m["author"]) for m in rows],
+                rows,
             )
             if firsts:  # an expired key of the same name is replaced
                 conn.executemany(
                     "INSERT OR REPLACE INTO client_ids (author, room, client_id, id, rev, created) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(*key, stored[pos]["id"], stored[pos]["rev"], stored[pos]["ts"]) for key, pos in firsts.items()],
+                    [(*key, answers[pos]["id"], answers[pos]["rev"], answers[pos]["ts"]) for key, pos in firsts.items()],
                 )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        answers = [_public(m) for m in stored]
         for pos, first in repeats.items():
             answers[pos] = first if isinstance(first, dict) else _duplicate(answers[first])
         return answers
@@ -327,15 +330,6 @@ def _client_key(message: dict) -> tuple[str, str, str] | None:
     if message.get("client_id") is None or message.get("author") is None:
         return None
     return (message["author"], message["room"], message["client_id"])
-
-
-def _public(stored: dict) -> dict:
-    """A stored message as SPEC's Message (what storage knew besides stays here)."""
-    if not stored:
-        return stored
-    return message_dict(
-        stored["room"], stored["id"], stored["name"], stored["account"], stored["msg"], stored["ts"], stored["rev"], None
-    )
 
 
 def _duplicate(first: dict) -> dict:
