@@ -31,7 +31,7 @@ export class Outbox {
     this.page = page;
     // Per tab, as the rooms are: a reload keeps what had not been sent yet.
     this.items = JSON.parse(sessionStorage.getItem(STORAGE_KEY) || "[]");
-    this.flushing = false;
+    this.flushingOn = null; // the connection a flush is sending on
     this.timer = null;
     this.list = document.createElement("ol");
     this.list.className = "messages outbox";
@@ -48,14 +48,17 @@ export class Outbox {
 
   /** Send what waits, oldest first, one at a time (so they keep their order). */
   async flush() {
-    if (this.flushing) return;
-    this.flushing = true;
+    const current = this.page.connection();
+    // One flush per connection. A replaced connection never answers (connection.js), so a
+    // flush stuck on it must not hold up the new one.
+    if (this.flushingOn === current) return;
+    this.flushingOn = current;
     clearTimeout(this.timer);
     try {
-      while (this.items.length && this.page.ready()) {
+      while (this.items.length && this.page.ready() && this.page.connection() === current) {
         const item = this.items[0];
         try {
-          await this.page.connection().request("send chat", { room: item.room, msg: item.msg, client_id: item.clientId });
+          await current.request("send chat", { room: item.room, msg: item.msg, client_id: item.clientId });
         } catch (error) {
           if (retryable(error)) {
             this.#later(RESEND_AFTER_MS); // and at the next reconnect, whichever comes first
@@ -69,11 +72,11 @@ export class Outbox {
           this.page.showError(error); // refused for good (e.g. not in that room any more): give the text back
           this.page.putBack(item.msg);
         }
-        this.items.shift();
+        if (this.items[0] === item) this.items.shift();
         this.#changed();
       }
     } finally {
-      this.flushing = false;
+      if (this.flushingOn === current) this.flushingOn = null;
     }
   }
 
