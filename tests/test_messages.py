@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from chatd.storage import CLIENT_ID_SECONDS, TABLES
+from chatd.storage import CLIENT_ID_SECONDS, TABLES, ChangeRefused
 from chatd.storage.copy import open_storage
 from conftest import TEST_BACKEND, Visitor
 from test_storage import backend, open_at, place, storage  # noqa: F401 (fixtures, both backends)
@@ -99,6 +99,21 @@ async def test_a_repeated_client_id_acks_as_the_first_and_stores_and_broadcasts_
     assert (await send(alice, "hello", room="side", client_id="c-1"))["id"] == 1
     # Without a client_id, nothing is deduplicated.
     assert (await send(alice, "hello"))["id"] == 4 and (await send(alice, "hello"))["id"] == 5
+
+
+async def test_a_resend_after_a_lost_ack_is_answered_without_a_second_message(visitors):
+    """As the page's outbox does: the first send's ack never reached the client (here: it asked
+    for none), so it sends again with the same client_id, from a new connection."""
+    alice_visitor = await visitors()
+    alice = await joined(alice_visitor)
+    bob = await joined(await visitors())
+    await alice.emit("send chat", {"msg": "did it go?", "client_id": "outbox-1"})
+    first = await bob.next("new chat")
+    await alice.close()
+    again = await joined(alice_visitor)  # reconnected
+    ack = await again.call("send chat", {"msg": "did it go?", "client_id": "outbox-1"})
+    assert ack == {"ok": True, "id": first["id"], "rev": first["rev"]}
+    await bob.nothing("new chat")
 
 
 async def test_an_account_shares_its_client_ids_across_its_sessions(visitors):
@@ -409,3 +424,53 @@ async def test_acked_edits_and_deletes_survive_kill_9(chatd_process):
     assert sorted(c["rev"] for c in changes) == acked_revs  # every message was changed after it was sent
     assert {c["id"]: c["msg"] for c in changes if not c.get("deleted")} == edits
     assert sorted(c["id"] for c in changes if c.get("deleted")) == deletes
+
+
+# -- migration ------------------------------------------------------------------------------
+
+
+async def test_messages_from_before_revisions_take_their_id_as_rev(backend, place, open_at):  # noqa: F811
+    """The schema just before revisions, with messages in it: after the migration each message's
+    rev is its id, each room's revision its last id, and an account's old messages are its own."""
+    rows = [("a", 1, "amy", "Amy", "from amy"), ("a", 3, "guest-1", None, "from a guest"), ("b", 2, "n", None, "b")]
+    if backend == "sqlite":
+        import sqlite3
+        from pathlib import Path
+
+        from chatd.config import DATABASE_FILE_NAME
+        from chatd.storage.sqlite import MIGRATIONS
+
+        Path(place).mkdir(parents=True)
+        db = sqlite3.connect(Path(place) / DATABASE_FILE_NAME)
+        for statement in [s for migration in MIGRATIONS[:2] for s in migration]:
+            db.execute(statement)
+        db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, 1.0)", rows)
+        db.executemany("INSERT INTO room_counters VALUES (?, ?)", [("a", 3), ("b", 2)])
+        db.execute("PRAGMA user_version = 2")
+        db.commit()
+        db.close()
+    else:
+        import asyncpg
+
+        from chatd.storage.postgres import MIGRATIONS
+
+        conn = await asyncpg.connect(place)
+        try:
+            for statement in MIGRATIONS[0]:
+                await conn.execute(statement)
+            await conn.execute("CREATE TABLE chatd_schema (version integer NOT NULL)")
+            await conn.execute("INSERT INTO chatd_schema VALUES (1)")
+            await conn.executemany(
+                "INSERT INTO messages VALUES ($1, $2, $3, $4, $5, 1.0)", [(*r[:4], r[4].encode()) for r in rows]
+            )
+            await conn.executemany("INSERT INTO room_counters VALUES ($1, $2)", [("a", 3), ("b", 2)])
+        finally:
+            await conn.close()
+    storage = await open_at(place)
+    assert [(m["id"], m["rev"], m["edited"]) for m in await storage.history("a", since=0)] == [(1, 1, None), (3, 3, None)]
+    assert await storage.revision("a") == (3, 3)
+    assert (await storage.edit_message("a", 1, "a:Amy", "amy again", 2.0))["rev"] == 4
+    with pytest.raises(ChangeRefused):
+        await storage.delete_message("a", 3, "s:anyone")  # an old guest message is nobody's to change
+    new = await storage.add_message("b", "n", None, "next", 2.0)
+    assert (new["id"], new["rev"]) == (3, 3)
