@@ -28,7 +28,10 @@ export class Room {
   merge(messages) {
     const added = [];
     for (const message of messages) {
-      this.sawRev(message.rev);
+      // A never-edited message's rev is when it was sent: every change before it has reached
+      // this page (history stops there, live changes follow). An edited one may be newer than
+      // live changes still on their way, so only the live stream and `since` count those.
+      if (message.edited == null) this.sawRev(message.rev);
       if (this.ids.has(message.id)) continue;
       this.ids.add(message.id);
       this.messages.splice(this.#insertionIndex(message.id), 0, message);
