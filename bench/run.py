@@ -58,6 +58,7 @@ SCENARIOS = [
     Scenario("memory-1000", ["memory", "--sockets", "1000", "--settle", "2"]),
     Scenario("memory-2000", ["memory", "--sockets", "2000", "--settle", "2"]),
     Scenario("durable", ["durable", "--sockets", "20", "--seconds", "4"], servers=("chatd",)),
+    Scenario("durable-client-id", ["durable", "--sockets", "20", "--seconds", "4", "--client-ids"], servers=("chatd",)),
 ]
 
 # (label, scenario, value from a result, how it is shown, True when higher is better)
@@ -85,6 +86,7 @@ ROWS = [
     ("bytes per idle socket, 1,000 sockets", "memory-1000", "bytes_per_socket", False),
     ("bytes per idle socket, 2,000 sockets", "memory-2000", "bytes_per_socket", False),
     ("messages/s stored and acked, fsync on, 20 senders", "durable", "stored_per_s", True),
+    ("  the same, every send with a client_id", "durable-client-id", "stored_per_s", True),
 ]
 
 

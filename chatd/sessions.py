@@ -66,6 +66,14 @@ class Identity:
     def public(self) -> dict:
         return {"name": self.name, "account": self.account, "expires_at": self.expires_at}
 
+    @property
+    def author(self) -> str:
+        """Who may edit and delete the messages this session sends (SPEC): its account, every
+        session of it; a guest, this session only — kept in storage as a hash of the sid, never the sid."""
+        if self.account is not None:
+            return "a:" + self.account
+        return "s:" + hashlib.sha256(self.sid.encode("utf-8")).hexdigest()[:32]
+
 
 class RotatingFernet(Fernet):
     """A `Fernet` (so `EncryptedCookieStorage` accepts it) that behaves as a `MultiFernet`:

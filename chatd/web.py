@@ -53,7 +53,8 @@ from .presence.redis import RedisPresence
 from .realtime import Realtime
 from .sessions import SessionCookieStorage
 from .sio.managers import RedisClientManager, redis_address
-from .storage import Storage
+from .tasks import TaskOwner
+from .storage import Storage, prune_client_ids_forever
 from .storage.postgres import PostgresStorage
 from .storage.sqlite import SqliteStorage
 
@@ -145,7 +146,10 @@ def _socket_origin_allowed(metrics: Metrics, origin: str | None, request: web.Re
 async def _storage_lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[STORAGE].open()
     await app[ACCOUNTS].warm_up()
+    housekeeping = TaskOwner("storage housekeeping")
+    housekeeping.spawn(prune_client_ids_forever(app[STORAGE]))
     yield
+    await housekeeping.close()
     app[ACCOUNTS].close()
     await app[STORAGE].close()
 

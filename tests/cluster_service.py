@@ -33,15 +33,16 @@ class Cluster:
     b: ChatdProcess | None
     nginx: NginxService | None
     key: str
+    more: tuple[ChatdProcess, ...] = ()  # a third process and on, when asked for
 
     @property
-    def processes(self) -> tuple[ChatdProcess, ChatdProcess]:
-        return self.a, self.b
+    def processes(self) -> tuple[ChatdProcess, ...]:
+        return (self.a, self.b, *self.more)
 
     def stop(self) -> None:
         """Stop every part there is now (a test may have replaced one, e.g. a restarted Redis)."""
         problems = []
-        for part in (self.nginx, self.a, self.b, self.redis):
+        for part in (self.nginx, *self.processes, self.redis):
             if part is not None:
                 try:
                     part.stop()
@@ -55,8 +56,10 @@ _numbers = itertools.count(1)
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, pg_server_url: str, *flags: str, balance: str | None = None) -> Iterator[Cluster]:
-    """Start everything (each process with `flags`, plus the shared URLs); stop it all afterwards.
+def running_cluster(
+    root: Path, pg_server_url: str, *flags: str, balance: str | None = None, processes: int = 2
+) -> Iterator[Cluster]:
+    """Start everything (`processes` chatds, each with `flags`, plus the shared URLs); stop it all afterwards.
 
     `balance`: nginx's balancing line instead of ip_hash (see nginx_service.server_block).
     """
@@ -71,11 +74,13 @@ def running_cluster(root: Path, pg_server_url: str, *flags: str, balance: str | 
         try:
             shared = ["--redis-url", cluster.redis.url, "--database-url", database_url, "--trusted-proxy", "127.0.0.1"]
             env = {"CHATD_SECRET_KEYS": key}
-            cluster.a = ChatdProcess(*shared, *flags, data_dir=root / "a" / "data", env=env)
-            cluster.b = ChatdProcess(*shared, *flags, data_dir=root / "b" / "data", env=env)
+            cluster.a, cluster.b, *more = (
+                ChatdProcess(*shared, *flags, data_dir=root / name / "data", env=env) for name in "abcdefgh"[:processes]
+            )
+            cluster.more = tuple(more)
             for process in cluster.processes:
                 process.start()
-            cluster.nginx = start_nginx([f"127.0.0.1:{cluster.a.port}", f"127.0.0.1:{cluster.b.port}"], balance=balance)
+            cluster.nginx = start_nginx([f"127.0.0.1:{p.port}" for p in cluster.processes], balance=balance)
             yield cluster
         finally:
             cluster.stop()

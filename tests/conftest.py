@@ -61,7 +61,9 @@ def pytest_itemcollected(item):
 # pytest-xdist worker running one of their tests would start again: each runs whole on one
 # worker; every other test is sent on its own. (pytest-xdist's `--dist loadgroup` would do
 # it from marks, but it renames node ids, which pytest 9 no longer lets it do.)
-ONE_WORKER_MODULES = {"test_cluster.py", "test_cluster_order.py", "test_cluster_presence.py", "test_dist.py"}
+ONE_WORKER_MODULES = {
+    "test_cluster.py", "test_cluster_changes.py", "test_cluster_order.py", "test_cluster_presence.py", "test_dist.py",
+}  # fmt: skip
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -63,7 +63,9 @@ FIELDS = {
     "send chat": [("msg", str, True), ("room", str, False)],
     "join": [("room", str, True)],
     "leave": [("room", str, True)],
-    "history": [("room", str, True), ("before", int, False), ("after", int, False), ("limit", int, False)],
+    "history": [
+        ("room", str, True), ("before", int, False), ("after", int, False), ("since", int, False), ("limit", int, False)
+    ],
 }
 
 
@@ -85,8 +87,10 @@ def expected(event: str, payload, joined: set[str]) -> set[str]:
     if event == "send chat" and not valid_text(payload["msg"].strip()):
         value_errors.add("invalid_message")
     if event == "history":
-        before, after, limit = (payload.get(k) for k in ("before", "after", "limit"))
+        before, after, since, limit = (payload.get(k) for k in ("before", "after", "since", "limit"))
         if (before is not None and after is not None) or any(v is not None and v <= 0 for v in (before, after)):
+            value_errors.add("invalid_request")
+        if since is not None and (since < 0 or before is not None or after is not None):
             value_errors.add("invalid_request")
         if limit is not None and not 1 <= limit <= 100:
             value_errors.add("invalid_request")
@@ -101,6 +105,8 @@ def expected(event: str, payload, joined: set[str]) -> set[str]:
 
 def expected_history(ids: list[int], payload: dict) -> list[int]:
     limit = payload.get("limit") or 50
+    if payload.get("since") is not None:  # only sends here, so every message's rev is its id
+        return [i for i in ids if i > payload["since"]][:limit]
     if payload.get("after") is not None:
         return [i for i in ids if i > payload["after"]][:limit]
     if payload.get("before") is not None:
@@ -154,6 +160,7 @@ field_values = {
     "room": mostly(room_names, json_values, tenths=8),
     "before": mostly(ids, json_values),
     "after": mostly(ids, json_values),
+    "since": mostly(ids, json_values, tenths=4),
     "limit": mostly(st.integers(min_value=-1, max_value=102), json_values),
 }
 
@@ -238,7 +245,7 @@ class Fuzzing:
         assert outcome == {"ok"}, (outcome, ack)
         room = "general" if payload.get("room") is None else payload["room"]
         if event == "send chat":
-            assert set(ack) == {"ok", "id"} and is_int(ack["id"]), ack
+            assert set(ack) == {"ok", "id", "rev"} and is_int(ack["id"]) and is_int(ack["rev"]), ack
             await self.delivered(ack["id"], room, payload["msg"].strip())
         elif event == "join":
             assert set(ack) == {"ok", "room", "history", "online"} and ack["room"] == room, ack
@@ -251,7 +258,7 @@ class Fuzzing:
             assert ack == {"ok": True}
             self.joined.discard(room)
         else:
-            assert set(ack) == {"ok", "messages"}, ack
+            assert set(ack) == {"ok", "messages", "rev"}, ack
             assert all(m["room"] == room for m in ack["messages"])
             assert [m["id"] for m in ack["messages"]] == expected_history(self.room_ids.get(room, []), payload)
 
@@ -329,6 +336,9 @@ async def test_random_payloads_at_every_event_get_their_answer_and_disturb_nobod
     @example(step=("history", {"room": "general", "after": 2**64, "x": "\ud800"}, False))
     @example(step=("history", {"room": "general", "limit": True}, True))
     @example(step=("history", {"room": "general", "limit": float("nan")}, True))
+    @example(step=("history", {"room": "general", "since": 0, "limit": 3}, True))
+    @example(step=("history", {"room": "general", "since": -1}, True))
+    @example(step=("history", {"room": "general", "since": 2, "after": 1}, False))
     @example(step=("join", {"room": "abc\n"}, False))
     @example(step=("join", [{"room": "general"}], True))
     @example(step=("leave", None, False))

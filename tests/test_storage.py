@@ -74,14 +74,14 @@ def ids(messages: list[dict]) -> list[int]:
 async def test_add_message_returns_the_message_with_per_room_gapless_ids(storage):
     first = await storage.add_message("general", "guest-1234", None, "hello", 1700000000.25)
     assert first == {"id": 1, "room": "general", "name": "guest-1234", "account": None, "msg": "hello",
-                     "ts": 1700000000.25}  # fmt: skip
+                     "ts": 1700000000.25, "rev": 1, "edited": None}  # fmt: skip
     assert ids(await add(storage, "general", 3)) == [2, 3, 4]
     assert ids(await add(storage, "other", 2)) == [1, 2]  # every room counts from 1
     assert ids(await add(storage, "general", 1)) == [5]
 
 
 async def test_ids_stay_below_2_to_the_63(storage):
-    await storage.load("room_counters", [("full", MAX_ID - 1)])
+    await storage.load("room_counters", [("full", MAX_ID - 1, 1)])
     assert (await storage.add_message("full", "n", None, "last", 0.0))["id"] == MAX_ID
     with pytest.raises(StorageError):
         await storage.add_message("full", "n", None, "one too many", 0.0)
@@ -242,8 +242,13 @@ async def test_dump_load_count_and_clear(place, open_at):
     storage = await open_at(place)
     rows = {
         "accounts": [("Zed", "zed", "h1", 1.0), ("amy", "amy", "h2", 2.0)],
-        "messages": [("b", 7, "n", None, "x\x00", 0.5), ("a", 2, "n", "amy", "y", 1.5), ("a", 1, "n", None, "z", 2.5)],
-        "room_counters": [("a", 2), ("b", 7)],
+        "messages": [
+            ("b", 7, "n", None, "x\x00", 0.5, 9, 3.5, "s:1", 0),
+            ("a", 2, "", None, "", 1.5, 4, None, None, 1),  # a deletion's tombstone
+            ("a", 1, "n", None, "z", 2.5, 1, None, "a:amy", 0),
+        ],
+        "room_counters": [("a", 2, 4), ("b", 7, 9)],
+        "client_ids": [("s:1", "b", "c-1", 7, 9, float(int(time.time())))],  # kept for a day from now
         "revoked_sessions": [("s2", 10), ("s1", 2**40)],
     }
     for table in TABLES:
@@ -252,11 +257,20 @@ async def test_dump_load_count_and_clear(place, open_at):
         assert await storage.count(table) == len(rows[table])
         dumped = [row async for batch in storage.dump(table, batch_size=2) for row in batch]
         key = {"accounts": lambda r: r[1], "messages": lambda r: (r[0], r[1])}.get(table, lambda r: r[0])
+        if table == "messages":  # PostgreSQL's deleted is a boolean, SQLite's 0/1: equal either way
+            dumped = [(*r[:9], int(r[9])) for r in dumped]
         assert dumped == sorted(rows[table], key=key)
     assert await storage.is_revoked("s1") is True
-    assert (await storage.add_message("b", "n", None, "next", 0.0))["id"] == 8  # counters are loaded too
+    next_ = await storage.add_message("b", "n", None, "next", 0.0)
+    assert (next_["id"], next_["rev"]) == (8, 10)  # counters are loaded too
+    assert (await storage.history("a", since=0)) == [
+        {"id": 1, "room": "a", "name": "n", "account": None, "msg": "z", "ts": 2.5, "rev": 1, "edited": None},
+        {"room": "a", "id": 2, "rev": 4, "deleted": True},
+    ]
+    repeat = await storage.add_message("b", "m", None, "x", 1.0, author="s:1", client_id="c-1")
+    assert repeat == {"room": "b", "id": 7, "rev": 9, "duplicate": True}
     await storage.clear()
-    assert [await storage.count(table) for table in TABLES] == [0, 0, 0, 0]
+    assert [await storage.count(table) for table in TABLES] == [0] * len(TABLES)
     assert await storage.is_revoked("s1") is False
     assert (await storage.add_message("b", "n", None, "again", 0.0))["id"] == 1
 
@@ -540,17 +554,18 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
     rooms = ["general", "dev", "random", "x-1"]
     source = await open_at(str(source_dir))
     messages = [(rooms[i % 4], i // 4 + 1, f"u{i % 50}", None if i % 3 else f"u{i % 50}",
-                 f"message {i} \x00 😀", 1700000000 + i / 10) for i in range(100_000)]  # fmt: skip
+                 f"message {i} \x00 😀", 1700000000 + i / 10, i // 4 + 3, None if i % 7 else 1.0 * i,
+                 f"a:u{i % 50}", 0) for i in range(100_000)]  # fmt: skip
     for start in range(0, len(messages), 20_000):
         await source.load("messages", messages[start : start + 20_000])
-    await source.load("room_counters", [(room, 25_000) for room in rooms])
+    await source.load("room_counters", [(room, 25_000, 25_002) for room in rooms])
     await source.load("accounts", [(f"User{i}", f"user{i}", f"hash{i}", float(i)) for i in range(100)])
     await source.load("revoked_sessions", [(f"sid{i}", 2**40 + i) for i in range(100)])
     await source.close()
 
     to_pg = run_copy("--from", str(source_dir), "--to", pg_database_url)
     assert to_pg.returncode == 0, to_pg.stderr
-    assert "copied 100 accounts, 100000 messages, 4 room_counters, 100 revoked_sessions" in to_pg.stdout
+    assert "copied 100 accounts, 100000 messages, 4 room_counters, 0 client_ids, 100 revoked_sessions" in to_pg.stdout
     assert "messages 100000/100000 (100%)" in to_pg.stderr
     back = run_copy("--from", pg_database_url, "--to", str(back_dir))
     assert back.returncode == 0, back.stderr
@@ -561,11 +576,14 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
         assert len(pages[0]) == 250 and pages[0] == pages[1] == pages[2]
         afters = [await storage.history(room, after=24_950) for storage in copies]
         assert afters[0] == afters[1] == afters[2] and len(afters[0]) == 50
-    for table in ("accounts", "room_counters", "revoked_sessions"):
+    for table in ("accounts", "messages", "room_counters", "revoked_sessions"):  # messages: revs, edits, authors
         dumps = [[row async for batch in s.dump(table) for row in batch] for s in copies]
         assert dumps[0] == dumps[1] == dumps[2]
+        sinces = [await storage.history(room, since=25_000) for storage in copies]  # revisions and edits too
+        assert sinces[0] == sinces[1] == sinces[2] and len(sinces[0]) == 2
     # The copies go on counting where the source stopped.
     assert [(await s.add_message("dev", "n", None, "next", 0.0))["id"] for s in copies[1:]] == [25_001, 25_001]
+    assert [(await s.add_message("dev", "n", None, "next", 0.0))["rev"] for s in copies[1:]] == [25_004, 25_004]
 
 
 async def test_copy_data_refuses_a_target_with_data_unless_forced(tmp_path, pg_database_url, open_at):

@@ -18,7 +18,8 @@ from typing import AsyncIterator
 import asyncpg
 from yarl import URL
 
-from . import HISTORY_DEFAULT, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
+from . import CLIENT_ID_SECONDS, HISTORY_COLUMNS, PRIMARY_KEYS, TABLES, Account, ChangeRefused, Storage, StorageError
+from . import deletion, message_dict
 from .group_commit import GroupCommit
 
 CONNECT_SECONDS = 5.0
@@ -48,28 +49,69 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE revoked_sessions (sid text PRIMARY KEY, until bigint NOT NULL)",
         "CREATE INDEX revoked_sessions_until ON revoked_sessions (until)",
     ],
+    # 2: revisions, edits, deletions (tombstones) and client_ids. Old messages take
+    # their id as rev (one change each, in id order); an account's may be edited by it.
+    [
+        "ALTER TABLE messages ADD COLUMN rev bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN edited double precision",
+        "ALTER TABLE messages ADD COLUMN author text",
+        "ALTER TABLE messages ADD COLUMN deleted boolean NOT NULL DEFAULT false",
+        "UPDATE messages SET rev = id, author = 'a:' || account WHERE true",
+        "CREATE UNIQUE INDEX messages_room_rev ON messages (room, rev)",
+        "ALTER TABLE room_counters ADD COLUMN last_rev bigint NOT NULL DEFAULT 0",
+        "UPDATE room_counters SET last_rev = last_id",
+        """CREATE TABLE client_ids (
+            author    text NOT NULL,
+            room      text NOT NULL,
+            client_id text NOT NULL,
+            id        bigint NOT NULL,
+            rev       bigint NOT NULL,
+            created   double precision NOT NULL,
+            PRIMARY KEY (author, room, client_id)
+        )""",
+        "CREATE INDEX client_ids_created ON client_ids (created)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # One statement, so one round trip and one commit for a whole batch: advance each
-# room's counter (rooms in order, so two writers never deadlock) and insert the
-# messages numbered from it. The answer is each room's new last id.
+# room's counters (rooms in order, so two writers never deadlock) and insert the
+# messages numbered from them. The answer is each room's new last id and rev.
 INSERT_BATCH = """
 WITH batch AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[])
-        WITH ORDINALITY AS b(room, name, account, msg, ts, pos)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::text[])
+        WITH ORDINALITY AS b(room, name, account, msg, ts, author, pos)
 ), counts AS (
     SELECT room, count(*) AS n FROM batch GROUP BY room
 ), counters AS (
-    INSERT INTO room_counters AS c (room, last_id) SELECT room, n FROM counts ORDER BY room
-    ON CONFLICT (room) DO UPDATE SET last_id = c.last_id + excluded.last_id
-    RETURNING room, last_id
-), stored AS (
-    INSERT INTO messages (room, id, name, account, msg, ts)
-    SELECT b.room, c.last_id - n.n + row_number() OVER (PARTITION BY b.room ORDER BY b.pos), b.name, b.account, b.msg, b.ts
+    INSERT INTO room_counters AS c (room, last_id, last_rev) SELECT room, n, n FROM counts ORDER BY room
+    ON CONFLICT (room) DO UPDATE SET last_id = c.last_id + excluded.last_id, last_rev = c.last_rev + excluded.last_rev
+    RETURNING room, last_id, last_rev
+), numbered AS (
+    SELECT b.*, row_number() OVER (PARTITION BY b.room ORDER BY b.pos) - n.n AS k, c.last_id, c.last_rev
     FROM batch b JOIN counters c USING (room) JOIN counts n USING (room)
+), stored AS (
+    INSERT INTO messages (room, id, name, account, msg, ts, rev, author)
+    SELECT room, last_id + k, name, account, msg, ts, last_rev + k, author FROM numbered
 )
-SELECT room, last_id FROM counters
+SELECT room, last_id, last_rev FROM counters
+"""
+
+# A batch's client_ids claim their keys first (in order, so two batches never
+# deadlock), under the primary key: a key another transaction holds waits for it,
+# and a key kept for less than a day is not returned — its send is a repeat. An
+# expired key is taken over. The claimed ones get their id and rev before commit.
+CLAIM_CLIENT_IDS = """
+INSERT INTO client_ids AS k (author, room, client_id, id, rev, created)
+SELECT author, room, client_id, 0, 0, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(author, room, client_id)
+ORDER BY author, room, client_id
+ON CONFLICT (author, room, client_id) DO UPDATE SET created = excluded.created WHERE k.created < $5
+RETURNING author, room, client_id
+"""
+FILL_CLIENT_IDS = """
+UPDATE client_ids AS k SET id = u.id, rev = u.rev
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS u(author, room, client_id, id, rev)
+WHERE (k.author, k.room, k.client_id) = (u.author, u.room, u.client_id)
 """
 
 # What "the database is not there (now)" looks like to asyncpg.
@@ -86,10 +128,21 @@ def safe_url(url: str) -> str:
 
 
 def _message(row) -> dict:
-    return {
-        "id": row["id"], "room": row["room"], "name": row["name"], "account": row["account"],
-        "msg": bytes(row["msg"]).decode("utf-8"), "ts": row["ts"],
-    }  # fmt: skip
+    return message_dict(
+        row["room"], row["id"], row["name"], row["account"], bytes(row["msg"]).decode("utf-8"), row["ts"],
+        row["rev"], row["edited"],
+    )  # fmt: skip
+
+
+def _history_change(row) -> dict:
+    """A row of `history` `since`: a Message, or a deletion."""
+    return deletion(row["room"], row["id"], row["rev"]) if row["deleted"] else _message(row)
+
+
+def _client_key(message: dict) -> tuple[str, str, str] | None:
+    if message.get("client_id") is None or message.get("author") is None:
+        return None
+    return (message["author"], message["room"], message["client_id"])
 
 
 class PostgresStorage(Storage):
@@ -159,45 +212,137 @@ class PostgresStorage(Storage):
 
     # -- messages --------------------------------------------------------------
 
-    async def add_message(self, room: str, name: str, account: str | None, msg: str, ts: float) -> dict:
-        return await self._group_commit.submit({"room": room, "name": name, "account": account, "msg": msg, "ts": ts})
-
     async def _insert_batch(self, messages: list[dict]) -> list[dict]:
-        columns = (
+        firsts: dict[tuple, int] = {}  # key -> position of its first send in this batch
+        for pos, message in enumerate(messages):
+            key = _client_key(message)
+            if key is not None:
+                firsts.setdefault(key, pos)
+        async with self._connection() as conn:
+            for attempt in (1, 2):
+                try:
+                    if not firsts:  # the common case: one statement, one round trip
+                        return self._numbered(messages, await conn.fetch(INSERT_BATCH, *self._columns(messages)))
+                    async with conn.transaction():
+                        return await self._insert_keyed(conn, messages, firsts)
+                except asyncpg.DeadlockDetectedError:  # rooms and keys are locked in order; still, retry once
+                    if attempt == 2:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _insert_keyed(self, conn: asyncpg.Connection, messages: list[dict], firsts: dict[tuple, int]) -> list[dict]:
+        """A batch with client_ids: claim the keys, store what is not a repeat, fill in the keys; one transaction."""
+        now = time.time()
+        keys = list(firsts)
+        claimed = {
+            (r["author"], r["room"], r["client_id"])
+            for r in await conn.fetch(CLAIM_CLIENT_IDS, *map(list, zip(*keys)), now, now - CLIENT_ID_SECONDS)
+        }
+        fresh = [
+            pos for pos, m in enumerate(messages)
+            if (key := _client_key(m)) is None or (key in claimed and firsts[key] == pos)
+        ]  # fmt: skip
+        stored: dict[int, dict] = {}
+        if fresh:
+            rows = await conn.fetch(INSERT_BATCH, *self._columns([messages[p] for p in fresh]))
+            stored = dict(zip(fresh, self._numbered([messages[p] for p in fresh], rows)))
+        if claimed:
+            filled = [(*key, stored[firsts[key]]["id"], stored[firsts[key]]["rev"]) for key in keys if key in claimed]
+            await conn.execute(FILL_CLIENT_IDS, *map(list, zip(*filled)))
+        # Every other key was committed by its first send (ours waited for it): its answer.
+        earlier = {}
+        others = [key for key in keys if key not in claimed]
+        if others:
+            for r in await conn.fetch(
+                "SELECT author, room, client_id, id, rev FROM client_ids "
+                "WHERE (author, room, client_id) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))",
+                *map(list, zip(*others)),
+            ):
+                earlier[(r["author"], r["room"], r["client_id"])] = r
+        answers = []
+        for pos, message in enumerate(messages):
+            if pos in stored:
+                answers.append(stored[pos])
+                continue
+            key = _client_key(message)
+            first = stored.get(firsts[key]) or earlier.get(key)
+            if first is None:
+                raise StorageError("a repeated client_id has no first send")
+            answers.append({"room": message["room"], "id": first["id"], "rev": first["rev"], "duplicate": True})
+        return answers
+
+    @staticmethod
+    def _columns(messages: list[dict]) -> tuple:
+        return (
             [m["room"] for m in messages],
             [m["name"] for m in messages],
             [m["account"] for m in messages],
             [m["msg"].encode("utf-8") for m in messages],
             [m["ts"] for m in messages],
+            [m["author"] for m in messages],
         )
-        async with self._connection() as conn:
-            for attempt in (1, 2):
-                try:
-                    rows = await conn.fetch(INSERT_BATCH, *columns)
-                    break
-                except asyncpg.DeadlockDetectedError:  # rooms are locked in order; still, retry once
-                    if attempt == 2:
-                        raise
+
+    @staticmethod
+    def _numbered(messages: list[dict], rows) -> list[dict]:
+        """Each message as SPEC's Message, numbered from its room's new last id and rev."""
         counts: dict[str, int] = {}
         for message in messages:
             counts[message["room"]] = counts.get(message["room"], 0) + 1
-        next_id = {row["room"]: row["last_id"] - counts[row["room"]] + 1 for row in rows}
+        next_ = {row["room"]: [row["last_id"] - counts[row["room"]] + 1, row["last_rev"] - counts[row["room"]] + 1] for row in rows}
         stored = []
-        for message in messages:
-            stored.append({"id": next_id[message["room"]], **message})
-            next_id[message["room"]] += 1
+        for m in messages:
+            id_, rev = next_[m["room"]]
+            next_[m["room"]] = [id_ + 1, rev + 1]
+            stored.append(message_dict(m["room"], id_, m["name"], m["account"], m["msg"], m["ts"], rev, None))
         return stored
 
-    async def history(
-        self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
-    ) -> list[dict]:
-        template, args, newest_first = history_query(room, before, after, limit)
+    async def _change(self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool) -> dict:
+        """An edit (`msg`) or a delete (`msg` None) in one transaction with the room's next rev.
+
+        The message row is locked first, then the counter: a batch of new messages
+        locks only the counter, so no two writers wait on each other in a circle.
+        """
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT author, deleted FROM messages WHERE room = $1 AND id = $2 FOR UPDATE", room, id_
+            )
+            if row is None or row["deleted"]:
+                raise ChangeRefused("not_found")
+            if not any_author and (author is None or row["author"] != author):
+                raise ChangeRefused("forbidden")
+            rev = await conn.fetchval(
+                "UPDATE room_counters SET last_rev = last_rev + 1 WHERE room = $1 RETURNING last_rev", room
+            )
+            if msg is None:
+                # The tombstone keeps only what `since` reports: no name, no text, no author.
+                await conn.execute(
+                    "UPDATE messages SET name = '', account = NULL, msg = ''::bytea, edited = NULL, author = NULL, "
+                    "deleted = true, rev = $3 WHERE room = $1 AND id = $2",
+                    room, id_, rev,
+                )  # fmt: skip
+                return {"room": room, "id": id_, "rev": rev}
+            return _message(
+                await conn.fetchrow(
+                    f"UPDATE messages SET msg = $3, edited = $4, rev = $5 WHERE room = $1 AND id = $2 RETURNING {HISTORY_COLUMNS}",
+                    room, id_, msg.encode("utf-8"), now, rev,
+                )
+            )  # fmt: skip
+
+    async def _history_rows(self, template: str, args: tuple, *, changes: bool) -> list[dict]:
+        convert = _history_change if changes else _message
         sql = template.format(*(f"${i}" for i in range(1, len(args) + 1)))
         async with self._connection() as conn:
-            rows = [_message(r) for r in await conn.fetch(sql, *args)]
-        if newest_first:
-            rows.reverse()
-        return rows
+            return [convert(r) for r in await conn.fetch(sql, *args)]
+
+    async def revision(self, room: str) -> tuple[int, int]:
+        async with self._connection() as conn:
+            row = await conn.fetchrow("SELECT last_id, last_rev FROM room_counters WHERE room = $1", room)
+        return (row["last_id"], row["last_rev"]) if row else (0, 0)
+
+    async def prune_client_ids(self, before: float) -> int:
+        async with self._connection() as conn:
+            status = await conn.execute("DELETE FROM client_ids WHERE created < $1", before)
+        return int(status.split()[-1])
 
     # -- accounts and sessions ----------------------------------------------------
 
@@ -245,13 +390,13 @@ class PostgresStorage(Storage):
             cursor = await conn.cursor(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {PRIMARY_KEYS[table]}")
             while rows := await cursor.fetch(batch_size):
                 if table == "messages":
-                    yield [(r[0], r[1], r[2], r[3], bytes(r[4]).decode("utf-8"), r[5]) for r in rows]
+                    yield [(*r[:4], bytes(r[4]).decode("utf-8"), *r[5:]) for r in rows]
                 else:
                     yield [tuple(r) for r in rows]
 
     async def load(self, table: str, rows: list[tuple]) -> None:
-        if table == "messages":
-            rows = [(r[0], r[1], r[2], r[3], r[4].encode("utf-8"), r[5]) for r in rows]
+        if table == "messages":  # SQLite's deleted is 0/1
+            rows = [(*r[:4], r[4].encode("utf-8"), *r[5:9], bool(r[9])) for r in rows]
         async with self._connection() as conn:
             await conn.copy_records_to_table(table, records=rows, columns=list(TABLES[table]))
 

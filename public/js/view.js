@@ -142,11 +142,37 @@ function messageNode(message, me) {
   if (message.account) author.classList.add("is-account");
   const meta = make("p", "meta");
   meta.append(author, " ", time);
+  if (message.edited) meta.append(" ", make("span", "edited", "(edited)"));
   item = make("li", isMine(message, me) ? "message mine" : "message");
   item.dataset.id = message.id;
   item.append(meta, make("p", "text", message.msg));
+  if (isMine(message, me)) item.append(messageActions());
   nodes.set(message, item);
   return item;
+}
+
+/** Edit and Delete for one's own messages (public/js/messages.js handles the clicks). */
+function messageActions() {
+  const actions = make("span", "actions");
+  for (const [action, label] of [["edit", "Edit"], ["delete", "Delete"]]) {
+    const button = make("button", "quiet", label);
+    button.type = "button";
+    button.dataset.action = action;
+    actions.append(button);
+  }
+  return actions;
+}
+
+/** An edited message of the shown room: its new node in place of the old one's. */
+export function replaceMessage(room, old, message, me) {
+  nodes.get(old)?.replaceWith(messageNode(message, me));
+  markGroup(room, message, me);
+}
+
+/** A deleted message of the shown room: its node goes, and the next one may start a group now. */
+export function removeMessage(room, old, next, me) {
+  nodes.get(old)?.remove();
+  if (next) markGroup(room, next, me);
 }
 
 const sameDay = (a, b) => a.toDateString() === b.toDateString();
