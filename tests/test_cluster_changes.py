@@ -20,7 +20,7 @@ import pytest
 from cluster_service import Cluster, running_cluster
 from engineio_clients import RawClient, RawWebsocketClient
 
-pytestmark = pytest.mark.storage
+pytestmark = pytest.mark.cluster
 
 PROCESSES = 3
 RECEIVERS_PER_PROCESS = 4
