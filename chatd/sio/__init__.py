@@ -34,7 +34,10 @@ Private names used, with why, and what would replace them upstream:
 
 Also relied on (public names, internal behaviour): `AsyncManager.emit`'s
 signature and that pub/sub managers deliver locally through `super().emit`
-(the MRO of `RedisClientManager`), aiohttp's `StreamWriter.send_headers`.
+(the MRO of `RedisClientManager`), aiohttp's `StreamWriter.send_headers` and
+`drain`, that engine.io makes each socket's queue with `server.create_queue()`
+and that `asyncio.Queue.put`/`get` go through `put_nowait`/`get_nowait`
+(engine.py `BoundedQueue` counts what waits for a slow reader there).
 tests/test_internals.py checks each of these shapes against the installed
 versions.
 """

@@ -36,6 +36,7 @@ class ChatServer(socketio.AsyncServer):
         self.events: dict[str, Handler] = {}
         self.metrics = metrics
         self._refusals: dict[str, str] = {}
+        self.eio.on_cut_off = metrics.connection_closed_slow  # a slow reader closed (engine.py)
 
     def _engineio_server_class(self):
         return EngineServer  # direct websocket writes, see broadcast.py
