@@ -572,6 +572,25 @@ class EngineServer(engineio.AsyncServer):
             await socket.close(wait=False)  # sends CLOSE, runs the disconnect handlers
             socket.queue.put_nowait(None)  # ends the writer, which closes a websocket
 
+    async def disconnect(self, sid=None):
+        """engine.io's `disconnect`, but one socket is closed without waiting for its queue to drain.
+
+        engine.io calls it on a polling POST it cannot read; waiting there held the
+        request (and the connection) until the client polled again, forever if it
+        never did (tests/test_attacks.py)."""
+        if sid is None:
+            return await super().disconnect()
+        await self.close_transport(sid)
+        self.sockets.pop(sid, None)
+
+    async def handle_request(self, request, *args, **kwargs):
+        # engine.io answers a POST to a socket that is closed but not yet forgotten by
+        # raising KeyError out of the request (a 500); forget it first, for a 400.
+        sid = request.query.get("sid") if request.method == "POST" else None
+        if sid is not None and sid in self.sockets and self.sockets[sid].closed:
+            del self.sockets[sid]
+        return await super().handle_request(request, *args, **kwargs)
+
     async def close_all(self) -> None:
         for eio_sid in list(self.sockets):
             await self.close_transport(eio_sid)
