@@ -37,6 +37,7 @@ import collections
 import logging
 import struct
 import time
+import weakref
 from typing import Awaitable, Callable, Iterable, Sequence
 
 import engineio
@@ -351,7 +352,17 @@ class BoundedQueue(asyncio.Queue):
         self.bytes = 0
         self.waiting = Waiting()
         self.cut = False
-        self.websocket: DirectWebSocket | None = None  # set when the connection has a websocket
+        # The connection's websocket, once it has one; weak, since the websocket holds the
+        # socket that holds this queue (a cycle would wait for the cyclic collector).
+        self._websocket: weakref.ref[DirectWebSocket] | None = None
+
+    @property
+    def websocket(self) -> "DirectWebSocket | None":
+        return self._websocket() if self._websocket is not None else None
+
+    @websocket.setter
+    def websocket(self, ws: "DirectWebSocket") -> None:
+        self._websocket = weakref.ref(ws)
 
     def put_nowait(self, item) -> None:  # asyncio.Queue.put() calls this too
         if item is None:
