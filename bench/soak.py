@@ -12,8 +12,9 @@ pinned to CPU 0 with taskset, and runs the load in this process, pinned to CPU
   from start to end: every message acked must reach each of them exactly once;
 - churn: sockets connecting (the handshake timed), joining a room, staying a
   few seconds and leaving, about CHURN_RATE a second, at most CHURN_MAX at once;
-- a few slow readers that join the first room (whose messages are long) and
-  stop reading: chatd must cut them off; renewed every minute;
+- a few slow readers that join the first room (busier, and its messages
+  long) and stop reading but answer pings blindly: chatd must cut them off
+  for their backlog; renewed every SLOW_RENEW seconds;
 - a reconnect storm every STORM_EVERY seconds (or three in a short run): every
   churn socket dropped at once and as many connecting at once, like clients
   after a restart.
@@ -58,11 +59,13 @@ from engineio_clients import RawPollingClient, RawWebsocketClient  # noqa: E402
 SERVER_CPU, CLIENT_CPU = "0", 1
 ROOMS = 4
 CHAT_RATE = 5.0  # messages a second per room
+BUSY_RATE = 25.0  # in the first room, where the slow readers are: 2 000 characters each, 50 kB/s
 OBSERVERS = (3, 1)  # steady websocket and polling observers per room
 CHURN_RATE = 4.0  # new sockets a second
 CHURN_MAX = 150  # churn sockets at once, at most
 CHURN_STAY = (5.0, 40.0)  # seconds a churn socket stays
 SLOW_READERS = 3
+SLOW_RENEW = 150.0  # seconds
 STORM_EVERY = 180.0
 LOST_GRACE = 10.0  # a message acked this long ago must have reached every observer
 RSS_GROWTH, P99_DRIFT = 0.05, 0.50
@@ -81,9 +84,10 @@ class Soak:
         self.seconds = minutes * 60
         self.http: aiohttp.ClientSession | None = None
         self.rooms = [f"soak-{i}" for i in range(ROOMS)]
-        self.acked: dict[int, float] = {}  # message id -> when acked
+        self.acked: dict[tuple[str, int], float] = {}  # (room, message id) -> when acked
         self.observers: list = []
-        self.seen: list[dict[int, int]] = []  # per observer: id -> times received
+        self.seen: list[dict[int, int]] = []  # per observer: message id -> times received
+        self.observed_rooms: list[str] = []  # per observer (ids count per room)
         self.churn: set = set()
         self.slow: list[socket.socket] = []
         self.handshakes: list[float] = []  # this minute's
@@ -117,7 +121,8 @@ class Soak:
         def record(packet: str, handle=client._handle):
             if packet.startswith('42["new chat"'):
                 chat = json.loads(packet[2:])[1]
-                seen[chat["id"]] = seen.get(chat["id"], 0) + 1
+                if chat["room"] == self.observed_rooms[index]:
+                    seen[chat["id"]] = seen.get(chat["id"], 0) + 1
                 sent = float(chat["msg"].split("|", 1)[0])
                 self.deliveries.append(time.monotonic() - sent)
                 return asyncio.sleep(0)
@@ -128,8 +133,8 @@ class Soak:
     async def sender(self, room: str) -> None:
         client = await self.connect(room=room)
         # The slow readers' room gets long messages: enough to fill their buffers within the run.
-        padding = "x" * 1900 if room == self.rooms[0] else ""
-        interval = 1.0 / CHAT_RATE
+        padding = "x" * 1980 if room == self.rooms[0] else ""
+        interval = 1.0 / (BUSY_RATE if padding else CHAT_RATE)
         next_at = time.monotonic()
         while not self.stop.is_set():
             next_at += interval
@@ -139,7 +144,7 @@ class Soak:
                 self.send_errors += 1
                 continue
             if ack.get("ok"):
-                self.acked[ack["id"]] = time.monotonic()
+                self.acked[(room, ack["id"])] = time.monotonic()
                 self.sent_this_minute += 1
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         await client.close()
@@ -194,14 +199,24 @@ class Soak:
         return sock
 
     async def slow_readers(self) -> None:
+        """Renewed every SLOW_RENEW seconds; meanwhile each answers pings blindly (a PONG every
+        20 s, never reading), so that it is the backlog that closes it, not the ping timeout."""
+        loop = asyncio.get_running_loop()
         while not self.stop.is_set():
             for sock in self.slow:
                 sock.close()
             self.slow = [await self.slow_reader() for _ in range(SLOW_READERS)]
-            try:
-                await asyncio.wait_for(self.stop.wait(), 60)
-            except asyncio.TimeoutError:
-                pass
+            renew_at = loop.time() + SLOW_RENEW
+            while not self.stop.is_set() and loop.time() < renew_at:
+                try:
+                    await asyncio.wait_for(self.stop.wait(), 20)
+                except asyncio.TimeoutError:
+                    pass
+                for sock in self.slow:
+                    try:
+                        sock.send(bytes([0x81, 0x81, 0, 0, 0, 0]) + b"3")
+                    except OSError:
+                        pass  # closed by chatd, as it should be
         for sock in self.slow:
             sock.close()
 
@@ -217,8 +232,10 @@ class Soak:
         return found
 
     def lost_and_doubled(self, grace: float) -> tuple[int, int]:
-        due = [i for i, at in self.acked.items() if time.monotonic() - at > grace]
-        lost = sum(1 for seen in self.seen for i in due if i not in seen)
+        due = [key for key, at in self.acked.items() if time.monotonic() - at > grace]
+        lost = sum(
+            1 for seen, room in zip(self.seen, self.observed_rooms) for (r, i) in due if r == room and i not in seen
+        )
         doubled = sum(n - 1 for seen in self.seen for n in seen.values() if n > 1)
         return lost, doubled
 
@@ -257,6 +274,7 @@ class Soak:
                     for _ in range(n):
                         client = await self.connect(client_class, room)
                         self.seen.append({})
+                        self.observed_rooms.append(room)
                         self.watch(client, len(self.observers))
                         self.observers.append(client)
             self.handshakes = []
