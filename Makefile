@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client
 
-.PHONY: run test test-fast bench install vendor dist system-deps cluster clean
+.PHONY: run test test-fast bench soak install vendor dist system-deps cluster clean
 
 run: install
 	$(PY) -m chatd
@@ -47,6 +47,15 @@ cluster: install
 BENCH_ARGS ?=
 bench: install bench/loadgen/node_modules/.installed bench/node-peer/node_modules/.installed
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Half an hour of churn with nothing allowed to grow (bench/soak.py; docs/performance.md "Soak").
+SOAK_ARGS ?=
+soak: install $(VENV)/.bench-installed
+	$(PY) bench/soak.py $(SOAK_ARGS)
+
+$(VENV)/.bench-installed: setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 bench/%/node_modules/.installed: bench/%/package.json bench/%/package-lock.json
 	cd bench/$* && npm ci --no-audit --no-fund --loglevel=error

@@ -364,3 +364,13 @@ def test_chatd_refuses_an_untested_library_version_with_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "aiohttp 3.99.0" in lines[0] and ">=3.14.0,<3.15" in lines[0], result.stderr
+
+
+def test_engineio_queues_come_from_create_queue_and_asyncio_queues_put_and_get_through_the_nowait_methods():
+    # BoundedQueue (engine.py) counts the packets waiting for a slow reader in these two methods.
+    import asyncio
+
+    assert "self.queue = self.server.create_queue()" in source(base_socket.BaseSocket.__init__)
+    assert "self.put_nowait(item)" in source(asyncio.Queue.put)
+    assert "self.get_nowait()" in source(asyncio.Queue.get)
+    assert "_drain_helper()" in source(aiohttp.http_writer.StreamWriter.drain)

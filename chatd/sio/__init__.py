@@ -53,7 +53,10 @@ finds its session already gone (part of U4).
 
 Also relied on (public names, internal behaviour): `AsyncManager.emit`'s
 signature and that pub/sub managers deliver locally through `super().emit`
-(the MRO of `RedisClientManager`), aiohttp's `StreamWriter.send_headers`.
+(the MRO of `RedisClientManager`), aiohttp's `StreamWriter.send_headers` and
+`drain`, that engine.io makes each socket's queue with `server.create_queue()`
+and that `asyncio.Queue.put`/`get` go through `put_nowait`/`get_nowait`
+(engine.py `BoundedQueue` counts what waits for a slow reader there).
 tests/test_internals.py checks each of these shapes against the installed
 versions.
 """

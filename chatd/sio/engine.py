@@ -22,6 +22,13 @@ most of the server's time. Here:
   the task per socket that sleeps until the next ping, and an early answer to
   websocket handshakes that can only be refused (no Engine.IO socket, no
   Socket.IO session, no task), still inside aiohttp's request handling.
+- Slow readers (SPEC "Protecting the server"): what waits for one connection
+  is counted where it waits — engine.io's per-socket queue (`BoundedQueue`,
+  polling and upgraded connections) and the asyncio transport's write buffer
+  (websockets) — and a connection with more than `max_backlog_bytes` waiting,
+  or a frame waiting for more than `max_backlog_seconds`, is cut off at once
+  (`EngineServer.cut_off`): its queue emptied, its TCP connection aborted.
+  Nothing awaits a slow socket, so a broadcast never slows down for one.
 
 Private names used here are listed in chatd/sio/__init__.py.
 """
@@ -29,10 +36,12 @@ Private names used here are listed in chatd/sio/__init__.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import struct
 import time
+import weakref
 from typing import Awaitable, Callable, Iterable, Sequence
 
 import engineio
@@ -50,6 +59,13 @@ log = logging.getLogger("chatd.sio")
 
 _FIN = 0x80
 _TEXT, _BINARY = 0x1, 0x2  # websocket opcodes; server frames are never masked
+
+# SPEC "Protecting the server": a connection with more than this waiting for it, or
+# a frame waiting longer than this, is closed.
+MAX_BACKLOG_BYTES = 1 << 20
+MAX_BACKLOG_SECONDS = 30.0
+PACKET_OVERHEAD = 64  # what a queued packet costs beyond its data (objects, the queue's slot)
+HOLD_ABOVE = 64 * 1024  # a transport's buffer beyond this: frames are held (asyncio's default high-water mark)
 
 
 def websocket_frame(data: str | bytes) -> bytes:
@@ -91,6 +107,15 @@ class DirectWebSocket(EngineWebSocket):
         self._pending: list[bytes | memoryview] | None = None
         self.raw = False  # frames go straight to the transport
         self.direct = False  # the socket is a DirectSocket writing through us
+        # Frames the client has not taken yet: the transport's buffer up to HOLD_ABOVE, then
+        # `held` (references to the frames as written, shared with the room's other sockets).
+        self.waiting = Waiting()
+        self.held: collections.deque[bytes | memoryview] = collections.deque()
+        self.held_bytes = 0
+        self.draining = False
+        queue = getattr(handler.__self__, "queue", None)
+        if isinstance(queue, BoundedQueue):
+            queue.websocket = self  # so that cutting the socket off reaches its TCP connection
 
     async def __call__(self, environ):
         request = environ["aiohttp.request"]
@@ -161,13 +186,81 @@ class DirectWebSocket(EngineWebSocket):
             self._send(frames)
 
     def _send(self, parts: Sequence[bytes | memoryview]) -> None:
+        if self.held or self.transport.get_write_buffer_size() > HOLD_ABOVE:
+            self._hold(parts)  # the client does not keep up
+            return
         if len(parts) == 1:
             self.transport.write(parts[0])
         else:  # one system call (writev), no joining copy
             self.transport.writelines(parts)
+        if self.transport.get_write_buffer_size():  # some wait: watch them
+            self.waiting.given(sum(len(part) for part in parts), time.monotonic())
+            self.server.watch(self)
+        elif self.waiting.marks:  # all taken (bytes counted only from when some waited)
+            self.waiting.clear()
+
+    def _hold(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Keep frames for a client that does not keep up, as references, not in the transport.
+
+        The transport would copy each into one growing buffer per socket (and the
+        allocator would keep the fragments long after); held here, a broadcast's
+        frame is one object however many slow sockets wait for it. A task (one per
+        slow socket only) passes them on as the transport drains.
+        """
+        n = sum(len(part) for part in parts)
+        self.held.extend(parts)
+        self.held_bytes += n
+        self.waiting.given(n, time.monotonic())
+        if not self.draining:
+            self.draining = True
+            self.server.tasks.spawn(self._drain_held())
+        self.server.watch(self)
+
+    async def _drain_held(self) -> None:
+        try:
+            while self.held and self.writable():
+                await self.http_writer.drain()  # until the transport's buffer is low again
+                if not self.writable():
+                    break
+                chunk, size = [], 0
+                while self.held and size < HOLD_ABOVE:
+                    part = self.held.popleft()
+                    chunk.append(part)
+                    size += len(part)
+                self.held_bytes -= size
+                self.transport.writelines(chunk)
+        except Exception:  # the connection is gone: its reader closes the socket
+            log.debug("could not pass held frames on", exc_info=True)
+        finally:
+            self.draining = False
+
+    def drop_held(self) -> None:
+        self.held.clear()
+        self.held_bytes = 0
+        self.waiting.clear()
+
+    def backlog(self) -> int:
+        """Bytes written and not yet taken by the kernel: held here and in the transport's buffer."""
+        if self.transport is None or self.transport.is_closing():
+            return 0
+        return self.held_bytes + self.transport.get_write_buffer_size()
+
+    def waiting_since(self) -> float | None:
+        """When the oldest byte still in the transport's buffer was written (monotonic), or None."""
+        backlog = self.backlog()
+        if not backlog:
+            self.waiting.clear()
+            return None
+        return self.waiting.since(backlog)
+
+    def owner(self) -> AsyncSocket:
+        return self.handler.__self__
 
     async def close(self) -> None:
         self.flush()  # what was written goes before the close frame
+        if self.held and self.writable():
+            self.transport.writelines(self.held)
+        self.drop_held()
         await super().close()
 
     async def send(self, message) -> None:
@@ -224,6 +317,111 @@ class Flusher:
             except Exception:  # one broken transport must not keep the others' frames
                 log.debug("could not flush a websocket", exc_info=True)
         self._last_flush = time.monotonic()
+
+
+class Waiting:
+    """When the bytes given to a slow consumer were given, to within a second, in little memory.
+
+    A list of (bytes given in total at the end of a second, that second); given
+    the number still waiting, the oldest of them is found in the first entry
+    that is not yet wholly taken.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.marks: collections.deque[list] = collections.deque()
+
+    def given(self, n: int, now: float) -> None:
+        self.total += n
+        if self.marks and now - self.marks[-1][1] < 1.0:
+            self.marks[-1][0] = self.total
+        else:
+            self.marks.append([self.total, now])
+
+    def since(self, still_waiting: int) -> float | None:
+        taken = self.total - still_waiting
+        while self.marks and self.marks[0][0] <= taken:
+            self.marks.popleft()
+        return self.marks[0][1] if self.marks else None
+
+    def clear(self) -> None:
+        self.marks.clear()
+
+
+def packet_size(pkt) -> int:
+    """About what an Engine.IO packet waiting in a queue holds (its text as characters)."""
+    data = getattr(pkt, "data", None)
+    if isinstance(data, (str, bytes)):
+        return len(data) + PACKET_OVERHEAD
+    return 256 + PACKET_OVERHEAD  # OPEN's dict, None, …: small
+
+
+class BoundedQueue(asyncio.Queue):
+    """engine.io's per-socket packet queue (polling and upgraded connections), counting what waits in it.
+
+    engine.io's queue has no bound: a polling client that never asks, or an
+    upgraded websocket whose writer waits on a full socket, would hold every
+    packet sent to it. Each packet put here is counted (`packet_size`), and the
+    server is told, so that it can cut the connection off (`EngineServer.cut_off`).
+    After that, the queue drops what is put in it but the `None` that ends engine.io's
+    poll and writer.
+    """
+
+    def __init__(self, server: "EngineServer") -> None:
+        super().__init__()
+        self.server = server
+        self.bytes = 0
+        self.waiting = Waiting()
+        self.cut = False
+        # The connection's websocket, once it has one; weak, since the websocket holds the
+        # socket that holds this queue (a cycle would wait for the cyclic collector).
+        self._websocket: weakref.ref[DirectWebSocket] | None = None
+
+    @property
+    def websocket(self) -> "DirectWebSocket | None":
+        return self._websocket() if self._websocket is not None else None
+
+    @websocket.setter
+    def websocket(self, ws: "DirectWebSocket") -> None:
+        self._websocket = weakref.ref(ws)
+
+    def put_nowait(self, item) -> None:  # asyncio.Queue.put() calls this too
+        if item is None:
+            return super().put_nowait(item)
+        if self.cut:
+            return  # the connection is being closed: nothing more is kept for it
+        size = packet_size(item)
+        super().put_nowait(item)
+        self.bytes += size
+        self.waiting.given(size, time.monotonic())
+        self.server.watch(self)
+
+    def get_nowait(self):  # asyncio.Queue.get() calls this too
+        item = super().get_nowait()
+        if item is not None:
+            self.bytes -= packet_size(item)
+        return item
+
+    def backlog(self) -> int:
+        return self.bytes + (self.websocket.backlog() if self.websocket is not None else 0)
+
+    def waiting_since(self) -> float | None:
+        if not self.bytes:
+            self.waiting.clear()
+            return None
+        return self.waiting.since(self.bytes)
+
+    def discard(self) -> None:
+        """Drop every queued packet, and all later ones: the connection is cut off."""
+        self.cut = True
+        while not self.empty():
+            self.get_nowait()
+            self.task_done()
+        self.waiting.clear()
+
+    def owner(self) -> AsyncSocket | None:
+        # engine.io makes the queue before the socket it belongs to; asked only on a cut-off
+        return next((s for s in self.server.sockets.values() if s.queue is self), None)
 
 
 class ProtocolError(exceptions.EngineIOError):
@@ -411,8 +609,21 @@ def direct_websocket(socket: AsyncSocket | None) -> DirectWebSocket | None:
 class EngineServer(engineio.AsyncServer):
     """engine.io's server with direct websockets and a timer instead of a ping task per socket."""
 
-    def __init__(self, *args, websocket_compression: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        websocket_compression: bool = False,
+        max_backlog_bytes: int = MAX_BACKLOG_BYTES,
+        max_backlog_seconds: float = MAX_BACKLOG_SECONDS,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.max_backlog_bytes = max_backlog_bytes
+        self.max_backlog_seconds = max_backlog_seconds
+        self.watched: set[BoundedQueue | DirectWebSocket] = set()  # with something waiting
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self.cut_off_count = 0
+        self.on_cut_off: Callable[[], None] = lambda: None  # the metrics' counter
         websocket = type(
             "DirectWebSocket", (DirectWebSocket,), {"compression": websocket_compression, "flusher": Flusher()}
         )
@@ -457,12 +668,6 @@ class EngineServer(engineio.AsyncServer):
             return self._ok(await socket.poll(), jsonp_index=jsonp_index)
         except exceptions.QueueEmpty:
             return self._bad_request()
-
-    async def handle_request(self, request, *args, **kwargs):
-        # engine.io takes a request without `transport` for polling; the protocol makes it mandatory.
-        if "transport" not in request.query:
-            return web.Response(status=400, content_type="text/plain", text='"Missing transport"')
-        return await super().handle_request(request, *args, **kwargs)
 
     def _ok(self, packets=None, headers=None, jsonp_index=None):
         response = super()._ok(packets, headers=headers, jsonp_index=jsonp_index)
@@ -551,11 +756,92 @@ class EngineServer(engineio.AsyncServer):
         if socket is not None:
             await socket.close_now(refused=True)
 
+    async def disconnect(self, sid=None):
+        """engine.io's `disconnect`, but one socket is closed without waiting for its queue to drain.
+
+        engine.io calls it on a polling POST it cannot read; waiting there held the
+        request (and the connection) until the client polled again, forever if it
+        never did (tests/test_attacks.py)."""
+        if sid is None:
+            return await super().disconnect()
+        await self.close_transport(sid)
+        self.sockets.pop(sid, None)
+
+    async def handle_request(self, request, *args, **kwargs):
+        # engine.io takes a request without `transport` for polling; the protocol makes it mandatory.
+        if "transport" not in request.query:
+            return web.Response(status=400, content_type="text/plain", text='"Missing transport"')
+        # engine.io answers a POST to a socket that is closed but not yet forgotten by
+        # raising KeyError out of the request (a 500); forget it first, for a 400.
+        sid = request.query.get("sid") if request.method == "POST" else None
+        if sid is not None and sid in self.sockets and self.sockets[sid].closed:
+            del self.sockets[sid]
+        return await super().handle_request(request, *args, **kwargs)
+
     async def close_all(self) -> None:
         for eio_sid in list(self.sockets):
             await self.close_transport(eio_sid)
         # The websockets' closes just started: cut short, their handlers would hold shutdown.
         await self.tasks.close(grace=1.0)
+
+    # -- slow readers ------------------------------------------------------------
+
+    def create_queue(self, *args, **kwargs):
+        return BoundedQueue(self)  # every engine.io socket's queue (BaseSocket.__init__)
+
+    def watch(self, waiter: "BoundedQueue | DirectWebSocket") -> None:
+        """Something now waits for a client: cut it off if that is too much, else look again soon."""
+        if waiter.backlog() > self.max_backlog_bytes:
+            self.cut_off(waiter)
+            return
+        self.watched.add(waiter)
+        if self._sweep_timer is None:
+            interval = min(1.0, self.max_backlog_seconds / 4)
+            self._sweep_timer = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Cut off the connections whose oldest frame has waited too long; forget those drained."""
+        self._sweep_timer = None
+        deadline = time.monotonic() - self.max_backlog_seconds
+        for waiter in list(self.watched):
+            since = waiter.waiting_since()
+            if since is None:
+                self.watched.discard(waiter)
+            elif since < deadline or waiter.backlog() > self.max_backlog_bytes:
+                self.cut_off(waiter)
+        if self.watched:
+            interval = min(1.0, self.max_backlog_seconds / 4)
+            self._sweep_timer = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def cut_off(self, waiter: "BoundedQueue | DirectWebSocket") -> None:
+        """Close a connection that does not read: its queue emptied, its TCP connection aborted (the
+        client sees it drop), its disconnect handlers run in a task. Never awaits: called mid-broadcast."""
+        self.watched.discard(waiter)
+        socket = waiter.owner()
+        if socket is None or socket.closed:
+            return
+        queue = socket.queue
+        if isinstance(queue, BoundedQueue):
+            if queue.cut:
+                return
+            queue.discard()
+            self.watched.discard(queue)
+            ws = queue.websocket or getattr(socket, "websocket", None)
+        else:  # pragma: no cover - every queue is ours
+            ws = getattr(socket, "websocket", None)
+        if isinstance(waiter, DirectWebSocket):
+            ws = waiter
+        if ws is not None:
+            self.watched.discard(ws)
+            ws.drop_held()
+            if ws.transport is not None:
+                ws.transport.abort()  # drops what it holds for the client at once
+        self.cut_off_count += 1
+        self.on_cut_off()
+        log.info("closed a connection that does not read (%s)", socket.sid)
+        if not socket.closing:
+            self.tasks.spawn(socket.close(wait=False, abort=True, reason=self.reason.TRANSPORT_ERROR))
+        queue.put_nowait(None)  # ends engine.io's poll or writer
 
     def start_background_task(self, target, *args, **kwargs):
         # engine.io keeps one task per socket asleep for the ping interval, even

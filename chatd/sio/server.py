@@ -50,6 +50,7 @@ class ChatServer(socketio.AsyncServer):
         self.events: dict[str, Handler] = {}
         self.metrics = metrics
         self._refusals: dict[str, str] = {}
+        self.eio.on_cut_off = metrics.connection_closed_slow  # a slow reader closed (engine.py)
         # namespace -> what runs once a socket's CONNECT answer is sent (see `on_connected`)
         self.connected_handlers: dict[str, Connected] = {}
 
