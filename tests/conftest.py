@@ -62,7 +62,8 @@ def pytest_itemcollected(item):
 # worker; every other test is sent on its own. (pytest-xdist's `--dist loadgroup` would do
 # it from marks, but it renames node ids, which pytest 9 no longer lets it do.)
 ONE_WORKER_MODULES = {
-    "test_cluster.py", "test_cluster_changes.py", "test_cluster_order.py", "test_cluster_presence.py", "test_dist.py",
+    "test_attacks.py", "test_cluster.py", "test_cluster_changes.py", "test_cluster_order.py",
+    "test_cluster_presence.py", "test_dist.py", "test_slow_readers.py",
 }  # fmt: skip
 
 
