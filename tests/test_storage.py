@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from chatd.config import DATABASE_FILE_NAME
-from chatd.storage import MAX_ID, TABLES, Account, StorageError
+from chatd.storage import COUNT_CAP, MAX_ID, MAX_ROOMS, TABLES, Account, StorageError, TooManyRooms
 from chatd.storage import postgres as pg_module
 from chatd.storage import sqlite as sqlite_module
 from chatd.storage.copy import open_storage
@@ -68,13 +68,90 @@ def ids(messages: list[dict]) -> list[int]:
     return [m["id"] for m in messages]
 
 
+# -- rooms of a person, read markers, mentions ---------------------------------------
+
+
+def state(room: str, last_id: int, read_id: int, unread: int = 0, mentions: int = 0) -> dict:
+    return {"room": room, "last_id": last_id, "read_id": read_id, "unread": unread, "mentions": mentions}
+
+
+async def test_a_new_owner_is_in_general_read_up_to_now_and_rooms_are_kept_per_owner(storage):
+    await add(storage, "general", 3)
+    assert await storage.room_states("s:guest1") == [state("general", 3, 3)]
+    assert await storage.join_room("a:alice", "zoo") is True
+    assert await storage.join_room("a:alice", "zoo") is False  # joined already: nothing changes
+    assert await storage.join_room("a:alice", "abc") is True
+    assert [s["room"] for s in await storage.room_states("a:alice")] == ["abc", "general", "zoo"]  # by name
+    assert await storage.room_states("s:guest1", "zoo") == []  # another owner's rooms are its own
+    assert await storage.leave_room("a:alice", "general") is True
+    assert await storage.leave_room("a:alice", "general") is False
+    # Left general: it does not come back, and an owner in no room at all stays there.
+    assert [s["room"] for s in await storage.room_states("a:alice")] == ["abc", "zoo"]
+    for room in ("abc", "zoo"):
+        await storage.leave_room("a:alice", room)
+    assert await storage.room_states("a:alice") == []
+    assert await storage.leave_room("s:guest2", "general") is True  # never seen: seeded, then left
+    assert await storage.room_states("s:guest2") == []
+
+
+async def test_at_most_50_rooms_general_included(storage):
+    for i in range(MAX_ROOMS - 1):
+        assert await storage.join_room("a:bob", f"r{i}") is True
+    assert len(await storage.room_states("a:bob")) == MAX_ROOMS  # general and 49 more
+    with pytest.raises(TooManyRooms):
+        await storage.join_room("a:bob", "one-more")
+    assert await storage.join_room("a:bob", "r0") is False  # a joined room is still fine
+    await storage.leave_room("a:bob", "r0")
+    assert await storage.join_room("a:bob", "one-more") is True
+
+
+async def test_unread_counts_others_messages_after_the_marker_up_to_1000(storage):
+    await storage.join_room("a:amy", "r")
+    await storage.add_message("r", "amy", "amy", "mine", 0.0, author="a:amy")
+    assert await storage.room_states("a:amy", "r") == [state("r", 1, 1)]  # sending moved the marker
+    for i in range(3):
+        await storage.add_message("r", "guest-1", None, f"m{i}", 0.0, author="s:g1")
+    assert await storage.room_states("a:amy", "r") == [state("r", 4, 1, unread=3)]
+    await storage.add_message("r", "amy", "amy", "mine again", 0.0, author="a:amy")
+    assert await storage.room_states("a:amy", "r") == [state("r", 5, 5)]
+    await asyncio.gather(*(storage.add_message("r", "g", None, "x", 0.0, author="s:g1") for _ in range(COUNT_CAP + 5)))
+    assert (await storage.room_states("a:amy", "r"))[0]["unread"] == COUNT_CAP
+
+
+async def test_read_moves_the_marker_forward_only_and_never_past_the_last_message(storage):
+    await storage.join_room("s:g", "r")
+    await add(storage, "r", 5)
+    assert await storage.mark_read("s:g", "r", 3) == state("r", 5, 3, unread=2)
+    assert await storage.mark_read("s:g", "r", 2) == state("r", 5, 3, unread=2)  # never back
+    assert await storage.mark_read("s:g", "r", MAX_ID) == state("r", 5, 5)  # beyond last_id: last_id
+    assert await storage.mark_read("s:g", "elsewhere", 1) is None  # not among its rooms
+    assert await storage.mark_read("s:other", "r", 1) is None
+
+
+async def test_mentions_are_kept_with_the_message_and_counted_per_account(storage):
+    await storage.join_room("a:amy", "r")
+    await storage.join_room("a:bob", "r")
+    stored = await storage.add_message("r", "bob", "bob", "hi @amy @bob", 0.0, author="a:bob", mentions=["Amy", "bob"])
+    assert stored["mentions"] == ["Amy", "bob"]
+    await storage.add_message("r", "g", None, "@amy again", 0.0, author="s:g", mentions=["Amy"])
+    assert (await storage.history("r"))[0]["mentions"] == ["Amy", "bob"]
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=2, mentions=2)]
+    # Bob's own message does not count for him, even though it names him.
+    assert await storage.room_states("a:bob", "r") == [state("r", 2, 1, unread=1, mentions=0)]
+    await storage.mark_read("a:amy", "r", 1)
+    assert (await storage.room_states("a:amy", "r"))[0]["mentions"] == 1
+    await storage.create_account("Amy", "h")
+    await storage.create_account("bob", "h")
+    assert await storage.usernames(["amy", "nobody", "bob"]) == {"amy": "Amy", "bob": "bob"}
+
+
 # -- messages -----------------------------------------------------------------------
 
 
 async def test_add_message_returns_the_message_with_per_room_gapless_ids(storage):
     first = await storage.add_message("general", "guest-1234", None, "hello", 1700000000.25)
     assert first == {"id": 1, "room": "general", "name": "guest-1234", "account": None, "msg": "hello",
-                     "ts": 1700000000.25}  # fmt: skip
+                     "ts": 1700000000.25, "mentions": []}  # fmt: skip
     assert ids(await add(storage, "general", 3)) == [2, 3, 4]
     assert ids(await add(storage, "other", 2)) == [1, 2]  # every room counts from 1
     assert ids(await add(storage, "general", 1)) == [5]
@@ -242,21 +319,28 @@ async def test_dump_load_count_and_clear(place, open_at):
     storage = await open_at(place)
     rows = {
         "accounts": [("Zed", "zed", "h1", 1.0), ("amy", "amy", "h2", 2.0)],
-        "messages": [("b", 7, "n", None, "x\x00", 0.5), ("a", 2, "n", "amy", "y", 1.5), ("a", 1, "n", None, "z", 2.5)],
+        "messages": [
+            ("b", 7, "n", None, "x\x00", 0.5, None, None),
+            ("a", 2, "n", "amy", "y @amy", 1.5, "a:amy", '["amy"]'),
+            ("a", 1, "n", None, "z", 2.5, "s:m1", None),
+        ],
         "room_counters": [("a", 2), ("b", 7)],
         "revoked_sessions": [("s2", 10), ("s1", 2**40)],
+        "room_owners": [("a:amy",), ("s:m1",)],
+        "memberships": [("a:amy", "a", 2), ("a:amy", "general", 0), ("s:m1", "a", 1)],
+        "mentions": [("zed", "a", 2)],
     }
     for table in TABLES:
         await storage.load(table, rows[table])
     for table in TABLES:
         assert await storage.count(table) == len(rows[table])
         dumped = [row async for batch in storage.dump(table, batch_size=2) for row in batch]
-        key = {"accounts": lambda r: r[1], "messages": lambda r: (r[0], r[1])}.get(table, lambda r: r[0])
+        key = {"accounts": lambda r: r[1], "messages": lambda r: (r[0], r[1])}.get(table, lambda r: r)
         assert dumped == sorted(rows[table], key=key)
     assert await storage.is_revoked("s1") is True
     assert (await storage.add_message("b", "n", None, "next", 0.0))["id"] == 8  # counters are loaded too
     await storage.clear()
-    assert [await storage.count(table) for table in TABLES] == [0, 0, 0, 0]
+    assert [await storage.count(table) for table in TABLES] == [0] * len(TABLES)
     assert await storage.is_revoked("s1") is False
     assert (await storage.add_message("b", "n", None, "again", 0.0))["id"] == 1
 
@@ -540,17 +624,22 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
     rooms = ["general", "dev", "random", "x-1"]
     source = await open_at(str(source_dir))
     messages = [(rooms[i % 4], i // 4 + 1, f"u{i % 50}", None if i % 3 else f"u{i % 50}",
-                 f"message {i} \x00 😀", 1700000000 + i / 10) for i in range(100_000)]  # fmt: skip
+                 f"message {i} \x00 😀", 1700000000 + i / 10, f"a:u{i % 50}", '["User1"]' if i % 7 == 0 else None)
+                for i in range(100_000)]  # fmt: skip
     for start in range(0, len(messages), 20_000):
         await source.load("messages", messages[start : start + 20_000])
     await source.load("room_counters", [(room, 25_000) for room in rooms])
     await source.load("accounts", [(f"User{i}", f"user{i}", f"hash{i}", float(i)) for i in range(100)])
     await source.load("revoked_sessions", [(f"sid{i}", 2**40 + i) for i in range(100)])
+    await source.load("room_owners", [("a:user1",)])
+    await source.load("memberships", [("a:user1", room, 7) for room in rooms])
+    await source.load("mentions", [("user1", rooms[i % 4], i // 4 + 1) for i in range(0, 100_000, 7)])
     await source.close()
 
     to_pg = run_copy("--from", str(source_dir), "--to", pg_database_url)
     assert to_pg.returncode == 0, to_pg.stderr
-    assert "copied 100 accounts, 100000 messages, 4 room_counters, 100 revoked_sessions" in to_pg.stdout
+    assert "copied 100 accounts, 100000 messages, 4 room_counters, 100 revoked_sessions, 1 room_owners, " \
+        "4 memberships, 14286 mentions" in to_pg.stdout
     assert "messages 100000/100000 (100%)" in to_pg.stderr
     back = run_copy("--from", pg_database_url, "--to", str(back_dir))
     assert back.returncode == 0, back.stderr
@@ -561,9 +650,12 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
         assert len(pages[0]) == 250 and pages[0] == pages[1] == pages[2]
         afters = [await storage.history(room, after=24_950) for storage in copies]
         assert afters[0] == afters[1] == afters[2] and len(afters[0]) == 50
-    for table in ("accounts", "room_counters", "revoked_sessions"):
+    for table in ("accounts", "room_counters", "revoked_sessions", "room_owners", "memberships", "mentions"):
         dumps = [[row async for batch in s.dump(table) for row in batch] for s in copies]
         assert dumps[0] == dumps[1] == dumps[2]
+    # Read markers and mentions come along: user1 has unread messages and mentions everywhere.
+    states = [await s.room_states("a:user1") for s in copies]
+    assert states[0] == states[1] == states[2] and states[0][0]["mentions"] > 0
     # The copies go on counting where the source stopped.
     assert [(await s.add_message("dev", "n", None, "next", 0.0))["id"] for s in copies[1:]] == [25_001, 25_001]
 

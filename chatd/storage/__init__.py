@@ -19,7 +19,24 @@ HISTORY_DEFAULT = 50
 HISTORY_MAX = 100
 MAX_ID = 2**63 - 1
 
-HISTORY_COLUMNS = "room, id, name, account, msg, ts"
+HISTORY_COLUMNS = "room, id, name, account, msg, ts, mentions"
+
+MAX_ROOMS = 50  # SPEC: rooms per session (an account's: per account), general and direct rooms included
+COUNT_CAP = 1000  # SPEC: `unread` and `mentions` are counted up to this
+DEFAULT_ROOM = "general"  # where a new session, or an account that never joined anything, is
+
+
+def owner_key(account: str | None, member_id: str) -> str:
+    """Whose rooms and read markers: an account's (every session of it), else the guest session's.
+
+    Keyed by the session's public member id, never by the cookie's `sid`. Also stored as
+    a message's `author`, so that `unread` leaves out the reader's own messages.
+    """
+    return "a:" + account.lower() if account is not None else "s:" + member_id
+
+
+class TooManyRooms(Exception):
+    """`join_room` would put an owner over MAX_ROOMS."""
 
 
 def history_query(room: str, before: int | None, after: int | None, limit: int) -> tuple[str, tuple, bool]:
@@ -38,16 +55,37 @@ def history_query(room: str, before: int | None, after: int | None, limit: int) 
 # Every table's columns, in the order `dump` yields and `load` takes them (copy-data).
 TABLES: dict[str, tuple[str, ...]] = {
     "accounts": ("username", "username_key", "password_hash", "created"),
-    "messages": ("room", "id", "name", "account", "msg", "ts"),
+    "messages": ("room", "id", "name", "account", "msg", "ts", "author", "mentions"),
     "room_counters": ("room", "last_id"),  # after messages: a copy's counters are never behind its ids
     "revoked_sessions": ("sid", "until"),
+    "room_owners": ("owner",),
+    "memberships": ("owner", "room", "read_id"),
+    "mentions": ("account", "room", "id"),
 }
 PRIMARY_KEYS: dict[str, str] = {
     "accounts": "username_key",
     "room_counters": "room",
     "messages": "room, id",
     "revoked_sessions": "sid",
+    "room_owners": "owner",
+    "memberships": "owner, room",
+    "mentions": "account, room, id",
 }
+
+
+def room_state(row) -> dict:
+    room, read_id, last_id, unread, mentions = row
+    return {"room": room, "last_id": last_id, "read_id": read_id, "unread": unread, "mentions": mentions}
+
+
+def mention_rows(message: dict) -> list[tuple[str, str, int]]:
+    """(account key, room, id) for each account a stored message mentions, its author excepted."""
+    author = message.get("author")
+    return [
+        (name.lower(), message["room"], message["id"])
+        for name in message.get("mentions") or ()
+        if "a:" + name.lower() != author
+    ]
 
 
 class StorageError(Exception):
@@ -75,14 +113,56 @@ class Storage(abc.ABC):
         """Raise StorageError when storage cannot answer."""
 
     @abc.abstractmethod
-    async def add_message(self, room: str, name: str, account: str | None, msg: str, ts: float) -> dict:
-        """Store a message durably and return it with its id (Message shape of SPEC)."""
+    async def add_message(
+        self,
+        room: str,
+        name: str,
+        account: str | None,
+        msg: str,
+        ts: float,
+        *,
+        author: str | None = None,
+        mentions: tuple[str, ...] | list[str] = (),
+    ) -> dict:
+        """Store a message durably and return it with its id (Message shape of SPEC).
+
+        `author` is its writer's `owner_key`: in the same transaction the writer's read
+        marker in the room moves to it. `mentions` are canonical usernames (`resolve_mentions`).
+        """
 
     @abc.abstractmethod
     async def history(
         self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
     ) -> list[dict]:
         """Messages of a room, oldest first: the latest, those just before `before`, or the first after `after`."""
+
+    # -- rooms of a person, read markers -------------------------------------------
+
+    @abc.abstractmethod
+    async def room_states(self, owner: str, room: str | None = None) -> list[dict]:
+        """RoomState of each of the owner's rooms, sorted by name (only `room`'s, if given).
+
+        An owner never seen before is first put in `general`. One query: per room an
+        indexed, bounded count of unread messages and of mentions of the account.
+        """
+
+    @abc.abstractmethod
+    async def join_room(self, owner: str, room: str) -> bool:
+        """Add a room to the owner's rooms, marked read up to its last message; False when
+        it is there already. Raises TooManyRooms."""
+
+    @abc.abstractmethod
+    async def leave_room(self, owner: str, room: str) -> bool:
+        """Remove a room from the owner's rooms; False when it was not there."""
+
+    @abc.abstractmethod
+    async def mark_read(self, owner: str, room: str, message_id: int) -> dict | None:
+        """Move the owner's marker forward to `message_id` (at most the room's last id); its
+        RoomState, or None when the room is not among the owner's rooms."""
+
+    @abc.abstractmethod
+    async def usernames(self, keys: list[str]) -> dict[str, str]:
+        """Lower-cased username -> canonical username, for those of `keys` that are accounts."""
 
     @abc.abstractmethod
     async def create_account(self, username: str, password_hash: str) -> bool:

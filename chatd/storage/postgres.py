@@ -18,7 +18,22 @@ from typing import AsyncIterator
 import asyncpg
 from yarl import URL
 
-from . import HISTORY_DEFAULT, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
+import orjson
+
+from . import (
+    COUNT_CAP,
+    DEFAULT_ROOM,
+    HISTORY_DEFAULT,
+    MAX_ROOMS,
+    PRIMARY_KEYS,
+    TABLES,
+    Account,
+    Storage,
+    StorageError,
+    TooManyRooms,
+    history_query,
+    room_state,
+)
 from .group_commit import GroupCommit
 
 CONNECT_SECONDS = 5.0
@@ -48,6 +63,25 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE revoked_sessions (sid text PRIMARY KEY, until bigint NOT NULL)",
         "CREATE INDEX revoked_sessions_until ON revoked_sessions (until)",
     ],
+    # 2: rooms that follow the person, read markers, mentions (issue 20). A message's
+    # `author` is its writer's owner key; `mentions` a JSON list of usernames (NULL: none).
+    [
+        "ALTER TABLE messages ADD COLUMN author text",
+        "ALTER TABLE messages ADD COLUMN mentions text",
+        "CREATE TABLE room_owners (owner text PRIMARY KEY)",
+        """CREATE TABLE memberships (
+            owner   text NOT NULL,
+            room    text NOT NULL,
+            read_id bigint NOT NULL,
+            PRIMARY KEY (owner, room)
+        )""",
+        """CREATE TABLE mentions (
+            account text NOT NULL,
+            room    text NOT NULL,
+            id      bigint NOT NULL,
+            PRIMARY KEY (account, room, id)
+        )""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -56,8 +90,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # messages numbered from it. The answer is each room's new last id.
 INSERT_BATCH = """
 WITH batch AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[])
-        WITH ORDINALITY AS b(room, name, account, msg, ts, pos)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::text[], $7::text[])
+        WITH ORDINALITY AS b(room, name, account, msg, ts, author, mentions, pos)
 ), counts AS (
     SELECT room, count(*) AS n FROM batch GROUP BY room
 ), counters AS (
@@ -65,9 +99,19 @@ WITH batch AS (
     ON CONFLICT (room) DO UPDATE SET last_id = c.last_id + excluded.last_id
     RETURNING room, last_id
 ), stored AS (
-    INSERT INTO messages (room, id, name, account, msg, ts)
-    SELECT b.room, c.last_id - n.n + row_number() OVER (PARTITION BY b.room ORDER BY b.pos), b.name, b.account, b.msg, b.ts
+    INSERT INTO messages (room, id, name, account, msg, ts, author, mentions)
+    SELECT b.room, c.last_id - n.n + row_number() OVER (PARTITION BY b.room ORDER BY b.pos), b.name, b.account, b.msg,
+        b.ts, b.author, b.mentions
     FROM batch b JOIN counters c USING (room) JOIN counts n USING (room)
+    RETURNING room, id, author, mentions
+), marked AS (  -- sending moves the sender's read marker to the message (never back)
+    UPDATE memberships m SET read_id = GREATEST(m.read_id, s.id)
+    FROM (SELECT author, room, max(id) AS id FROM stored WHERE author IS NOT NULL GROUP BY author, room) s
+    WHERE m.owner = s.author AND m.room = s.room
+), mentioned AS (  -- each account a message mentions, its author excepted
+    INSERT INTO mentions (account, room, id)
+    SELECT DISTINCT lower(j.name), s.room, s.id FROM stored s, json_array_elements_text(s.mentions::json) AS j(name)
+    WHERE s.mentions IS NOT NULL AND 'a:' || lower(j.name) IS DISTINCT FROM s.author
 )
 SELECT room, last_id FROM counters
 """
@@ -89,7 +133,27 @@ def _message(row) -> dict:
     return {
         "id": row["id"], "room": row["room"], "name": row["name"], "account": row["account"],
         "msg": bytes(row["msg"]).decode("utf-8"), "ts": row["ts"],
+        "mentions": orjson.loads(row["mentions"]) if row["mentions"] else [],
     }  # fmt: skip
+
+
+# Every room of an owner (or one) with its RoomState: the unread and mention counts are
+# index range scans over (room, id) and (account, room, id) after the marker, each
+# stopped at COUNT_CAP rows. $1 owner, $2 the account key for mentions (NULL for guests).
+ROOM_STATES = f"""
+SELECT m.room, m.read_id, coalesce(c.last_id, 0),
+    (SELECT count(*) FROM (SELECT 1 FROM messages x
+        WHERE x.room = m.room AND x.id > m.read_id AND x.author IS DISTINCT FROM $1 LIMIT {COUNT_CAP}) u),
+    (SELECT count(*) FROM (SELECT 1 FROM mentions y
+        WHERE y.account = $2 AND y.room = m.room AND y.id > m.read_id LIMIT {COUNT_CAP}) v)
+FROM memberships m LEFT JOIN room_counters c ON c.room = m.room
+WHERE m.owner = $1 AND ($3::text IS NULL OR m.room = $3)
+ORDER BY m.room
+"""
+
+
+def _mention_key(owner: str) -> str | None:
+    return owner[2:] if owner.startswith("a:") else None
 
 
 class PostgresStorage(Storage):
@@ -159,17 +223,24 @@ class PostgresStorage(Storage):
 
     # -- messages --------------------------------------------------------------
 
-    async def add_message(self, room: str, name: str, account: str | None, msg: str, ts: float) -> dict:
-        return await self._group_commit.submit({"room": room, "name": name, "account": account, "msg": msg, "ts": ts})
+    async def add_message(
+        self, room: str, name: str, account: str | None, msg: str, ts: float, *, author=None, mentions=()
+    ) -> dict:
+        message = {"room": room, "name": name, "account": account, "msg": msg, "ts": ts}
+        return await self._group_commit.submit({**message, "author": author, "mentions": list(mentions)})
 
-    async def _insert_batch(self, messages: list[dict]) -> list[dict]:
+    async def _insert_batch(self, submitted: list[dict]) -> list[dict]:
         columns = (
-            [m["room"] for m in messages],
-            [m["name"] for m in messages],
-            [m["account"] for m in messages],
-            [m["msg"].encode("utf-8") for m in messages],
-            [m["ts"] for m in messages],
+            [m["room"] for m in submitted],
+            [m["name"] for m in submitted],
+            [m["account"] for m in submitted],
+            [m["msg"].encode("utf-8") for m in submitted],
+            [m["ts"] for m in submitted],
+            [m["author"] for m in submitted],
+            [orjson.dumps(m["mentions"]).decode() if m["mentions"] else None for m in submitted],
         )
+        # The author is not part of SPEC's Message.
+        messages = [{k: v for k, v in m.items() if k != "author"} for m in submitted]
         async with self._connection() as conn:
             for attempt in (1, 2):
                 try:
@@ -198,6 +269,81 @@ class PostgresStorage(Storage):
         if newest_first:
             rows.reverse()
         return rows
+
+    # -- rooms of a person, read markers -------------------------------------------
+
+    async def room_states(self, owner: str, room: str | None = None) -> list[dict]:
+        async with self._connection() as conn:
+            states = await self._room_states(conn, owner, room)
+            if not states and room is None:
+                async with conn.transaction():
+                    seeded = await self._seed(conn, owner)
+                if seeded:
+                    states = await self._room_states(conn, owner, None)
+        return states
+
+    @staticmethod
+    async def _room_states(conn: asyncpg.Connection, owner: str, room: str | None) -> list[dict]:
+        return [room_state(tuple(row)) for row in await conn.fetch(ROOM_STATES, owner, _mention_key(owner), room)]
+
+    @staticmethod
+    async def _seed(conn: asyncpg.Connection, owner: str) -> bool:
+        """An owner seen for the first time is in general; True if it was new. Then holds the
+        owner's row locked until the transaction ends: one change of its rooms at a time."""
+        new = await conn.fetchval(
+            "INSERT INTO room_owners (owner) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", owner
+        )
+        if new:
+            await PostgresStorage._add_membership(conn, owner, DEFAULT_ROOM)
+            return True
+        await conn.execute("SELECT 1 FROM room_owners WHERE owner = $1 FOR UPDATE", owner)
+        return False
+
+    @staticmethod
+    async def _add_membership(conn: asyncpg.Connection, owner: str, room: str) -> None:
+        # Marked read up to the room's last message: joining is not missing anything.
+        await conn.execute(
+            "INSERT INTO memberships (owner, room, read_id) "
+            "VALUES ($1, $2, coalesce((SELECT last_id FROM room_counters WHERE room = $2), 0))",
+            owner, room,
+        )  # fmt: skip
+
+    async def join_room(self, owner: str, room: str) -> bool:
+        async with self._connection() as conn, conn.transaction():
+            await self._seed(conn, owner)
+            count, present = await conn.fetchrow(
+                "SELECT count(*), count(*) FILTER (WHERE room = $2) FROM memberships WHERE owner = $1", owner, room
+            )
+            if present:
+                return False
+            if count >= MAX_ROOMS:
+                raise TooManyRooms()
+            await self._add_membership(conn, owner, room)
+            return True
+
+    async def leave_room(self, owner: str, room: str) -> bool:
+        async with self._connection() as conn, conn.transaction():
+            await self._seed(conn, owner)  # else a later handshake would put it back in general
+            status = await conn.execute("DELETE FROM memberships WHERE owner = $1 AND room = $2", owner, room)
+        return status != "DELETE 0"
+
+    async def mark_read(self, owner: str, room: str, message_id: int) -> dict | None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE memberships SET read_id = GREATEST(read_id, "
+                "LEAST($1, coalesce((SELECT last_id FROM room_counters WHERE room = $3), 0))) "
+                "WHERE owner = $2 AND room = $3",
+                message_id, owner, room,
+            )  # fmt: skip
+            states = await self._room_states(conn, owner, room)
+        return states[0] if states else None
+
+    async def usernames(self, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT username_key, username FROM accounts WHERE username_key = ANY($1)", keys)
+        return {row["username_key"]: row["username"] for row in rows}
 
     # -- accounts and sessions ----------------------------------------------------
 
@@ -245,13 +391,13 @@ class PostgresStorage(Storage):
             cursor = await conn.cursor(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {PRIMARY_KEYS[table]}")
             while rows := await cursor.fetch(batch_size):
                 if table == "messages":
-                    yield [(r[0], r[1], r[2], r[3], bytes(r[4]).decode("utf-8"), r[5]) for r in rows]
+                    yield [(*r[:4], bytes(r[4]).decode("utf-8"), *r[5:]) for r in rows]
                 else:
                     yield [tuple(r) for r in rows]
 
     async def load(self, table: str, rows: list[tuple]) -> None:
         if table == "messages":
-            rows = [(r[0], r[1], r[2], r[3], r[4].encode("utf-8"), r[5]) for r in rows]
+            rows = [(*r[:4], r[4].encode("utf-8"), *r[5:]) for r in rows]
         async with self._connection() as conn:
             await conn.copy_records_to_table(table, records=rows, columns=list(TABLES[table]))
 

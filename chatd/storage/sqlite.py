@@ -18,7 +18,24 @@ from typing import AsyncIterator
 
 import aiosqlite
 
-from . import HISTORY_DEFAULT, MAX_ID, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
+import orjson
+
+from . import (
+    COUNT_CAP,
+    DEFAULT_ROOM,
+    HISTORY_DEFAULT,
+    MAX_ID,
+    MAX_ROOMS,
+    PRIMARY_KEYS,
+    TABLES,
+    Account,
+    Storage,
+    StorageError,
+    TooManyRooms,
+    history_query,
+    mention_rows,
+    room_state,
+)
 from .group_commit import GroupCommit
 
 LOCK_FILE_NAME = "chatd.lock"
@@ -62,6 +79,25 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE messages_by_room RENAME TO messages",
         "CREATE TABLE room_counters (room TEXT PRIMARY KEY, last_id INTEGER NOT NULL) WITHOUT ROWID",
         "INSERT INTO room_counters SELECT room, max(id) FROM messages GROUP BY room",
+    ],
+    # 3: rooms that follow the person, read markers, mentions (issue 20). A message's
+    # `author` is its writer's owner key; `mentions` a JSON list of usernames (NULL: none).
+    [
+        "ALTER TABLE messages ADD COLUMN author TEXT",
+        "ALTER TABLE messages ADD COLUMN mentions TEXT",
+        "CREATE TABLE room_owners (owner TEXT PRIMARY KEY) WITHOUT ROWID",
+        """CREATE TABLE memberships (
+            owner   TEXT NOT NULL,
+            room    TEXT NOT NULL,
+            read_id INTEGER NOT NULL,
+            PRIMARY KEY (owner, room)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE mentions (
+            account TEXT NOT NULL,
+            room    TEXT NOT NULL,
+            id      INTEGER NOT NULL,
+            PRIMARY KEY (account, room, id)
+        ) WITHOUT ROWID""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -113,8 +149,34 @@ def _unlock_data_dir(directory: Path) -> None:
 
 
 def _message(row: sqlite3.Row | tuple) -> dict:
-    room, id_, name, account, msg, ts = row
-    return {"id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts}
+    room, id_, name, account, msg, ts, mentions = row
+    return {
+        "id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts,
+        "mentions": orjson.loads(mentions) if mentions else [],
+    }  # fmt: skip
+
+
+def _mentions_json(message: dict) -> str | None:
+    return orjson.dumps(list(message["mentions"])).decode() if message.get("mentions") else None
+
+
+# Every room of an owner (or one) with its RoomState: the unread and mention counts are
+# index range scans over (room, id) and (account, room, id) after the marker, each
+# stopped at COUNT_CAP rows. ?1 owner, ?2 the account key for mentions (NULL for guests).
+ROOM_STATES = f"""
+SELECT m.room, m.read_id, coalesce(c.last_id, 0),
+    (SELECT count(*) FROM (SELECT 1 FROM messages x
+        WHERE x.room = m.room AND x.id > m.read_id AND x.author IS NOT ?1 LIMIT {COUNT_CAP})),
+    (SELECT count(*) FROM (SELECT 1 FROM mentions y
+        WHERE y.account = ?2 AND y.room = m.room AND y.id > m.read_id LIMIT {COUNT_CAP}))
+FROM memberships m LEFT JOIN room_counters c ON c.room = m.room
+WHERE m.owner = ?1 AND (?3 IS NULL OR m.room = ?3)
+ORDER BY m.room
+"""
+
+
+def _mention_key(owner: str) -> str | None:
+    return owner[2:] if owner.startswith("a:") else None
 
 
 class _MessageWriter:
@@ -184,8 +246,21 @@ class _MessageWriter:
                 stored.append({"id": next_id[message["room"]], **message})
                 next_id[message["room"]] += 1
             conn.executemany(
-                "INSERT INTO messages (room, id, name, account, msg, ts) VALUES (?, ?, ?, ?, ?, ?)",
-                [(m["room"], m["id"], m["name"], m["account"], m["msg"], m["ts"]) for m in stored],
+                "INSERT INTO messages (room, id, name, account, msg, ts, author, mentions) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (m["room"], m["id"], m["name"], m["account"], m["msg"], m["ts"], m.get("author"), _mentions_json(m))
+                    for m in stored
+                ],
+            )
+            # Sending moves the sender's read marker to the message (never back).
+            conn.executemany(
+                "UPDATE memberships SET read_id = max(read_id, ?) WHERE owner = ? AND room = ?",
+                [(m["id"], m["author"], m["room"]) for m in stored if m.get("author")],
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO mentions (account, room, id) VALUES (?, ?, ?)",
+                [row for m in stored for row in mention_rows(m)],
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -299,8 +374,13 @@ class SqliteStorage(Storage):
 
     # -- messages --------------------------------------------------------------
 
-    async def add_message(self, room: str, name: str, account: str | None, msg: str, ts: float) -> dict:
-        return await self._group_commit.submit({"room": room, "name": name, "account": account, "msg": msg, "ts": ts})
+    async def add_message(
+        self, room: str, name: str, account: str | None, msg: str, ts: float, *, author=None, mentions=()
+    ) -> dict:
+        message = {"room": room, "name": name, "account": account, "msg": msg, "ts": ts}
+        stored = await self._group_commit.submit({**message, "author": author, "mentions": list(mentions)})
+        del stored["author"]  # not part of SPEC's Message
+        return stored
 
     async def _insert_batch(self, messages: list[dict]) -> list[dict]:
         """One transaction for everything that arrived together, in one trip to the writer thread."""
@@ -318,6 +398,92 @@ class SqliteStorage(Storage):
         if newest_first:
             rows.reverse()
         return rows
+
+    # -- rooms of a person, read markers -------------------------------------------
+
+    async def room_states(self, owner: str, room: str | None = None) -> list[dict]:
+        async with self._turn:
+            states = await self._room_states(owner, room)
+            if not states and room is None and await self._write(self._seed, owner):
+                states = await self._room_states(owner, None)
+        return states
+
+    async def _room_states(self, owner: str, room: str | None) -> list[dict]:
+        async with self.db.execute(ROOM_STATES, (owner, _mention_key(owner), room)) as cur:
+            return [room_state(row) for row in await cur.fetchall()]
+
+    async def _seed(self, owner: str) -> bool:
+        """An owner seen for the first time is in general; True if it was new."""
+        cur = await self.db.execute("INSERT OR IGNORE INTO room_owners (owner) VALUES (?)", (owner,))
+        if cur.rowcount == 0:
+            return False
+        await self._add_membership(owner, DEFAULT_ROOM)
+        return True
+
+    async def _add_membership(self, owner: str, room: str) -> None:
+        # Marked read up to the room's last message: joining is not missing anything.
+        await self.db.execute(
+            "INSERT INTO memberships (owner, room, read_id) "
+            "VALUES (?1, ?2, coalesce((SELECT last_id FROM room_counters WHERE room = ?2), 0))",
+            (owner, room),
+        )
+
+    async def _write(self, fn, *args):
+        """`fn` in one write transaction of the shared connection (the caller has the turn)."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            result = await fn(*args)
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return result
+
+    async def join_room(self, owner: str, room: str) -> bool:
+        async def join() -> bool:
+            await self._seed(owner)
+            async with self.db.execute(
+                "SELECT count(*), count(*) FILTER (WHERE room = ?) FROM memberships WHERE owner = ?", (room, owner)
+            ) as cur:
+                count, present = await cur.fetchone()
+            if present:
+                return False
+            if count >= MAX_ROOMS:
+                raise TooManyRooms()
+            await self._add_membership(owner, room)
+            return True
+
+        async with self._turn:
+            return await self._write(join)
+
+    async def leave_room(self, owner: str, room: str) -> bool:
+        async def leave() -> bool:
+            await self._seed(owner)  # else a later handshake would put it back in general
+            cur = await self.db.execute("DELETE FROM memberships WHERE owner = ? AND room = ?", (owner, room))
+            return cur.rowcount > 0
+
+        async with self._turn:
+            return await self._write(leave)
+
+    async def mark_read(self, owner: str, room: str, message_id: int) -> dict | None:
+        async with self._turn:
+            await self.db.execute(
+                "UPDATE memberships SET read_id = max(read_id, "
+                "min(?1, coalesce((SELECT last_id FROM room_counters WHERE room = ?3), 0))) "
+                "WHERE owner = ?2 AND room = ?3",
+                (message_id, owner, room),
+            )
+            states = await self._room_states(owner, room)
+        return states[0] if states else None
+
+    async def usernames(self, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        marks = ", ".join("?" * len(keys))
+        async with self._turn, self.db.execute(
+            f"SELECT username_key, username FROM accounts WHERE username_key IN ({marks})", keys
+        ) as cur:
+            return dict(await cur.fetchall())
 
     # -- accounts and sessions ----------------------------------------------------
 
