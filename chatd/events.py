@@ -1,4 +1,4 @@
-"""What a connected client may ask: `send chat`, `join`, `leave`, `history`.
+"""What a connected client may ask: `send chat`, `join`, `leave`, `history`, `read`, `typing`.
 
 Each handler takes the socket id and the event's payload and returns the ack
 (`{"ok": true, …}`); it raises `EventError` for SPEC's error codes. The gate
@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import time
 
+from . import mentions
 from .limits import ChatRateLimiter
 from .metrics import Metrics
 from .rooms import Rooms, SocketState
 from .sio.jsonhook import JsonText
 from .sio.server import Handler
-from .storage import Storage
-from .validation import EventError, parse_history, parse_room, parse_send_chat
+from .storage import MAX_ROOMS, Storage, TooManyRooms
+from .validation import EventError, parse_history, parse_read, parse_room, parse_send_chat
 
-MAX_ROOMS_PER_SOCKET = 20
+TOPIC = ""  # rooms have no topics yet (SPEC's `topic` comes with moderation)
+TYPING_EVERY = 2.0  # seconds: at most one `typing` per session per room this often
+TYPING_MAX_ONLINE = 100  # nothing is relayed in a room with more sessions online
+TYPING_REMEMBERED = 10_000  # throttle entries kept before the stale ones are swept
 
 
 class ChatEvents:
@@ -34,10 +38,18 @@ class ChatEvents:
         self.metrics = metrics
         self.rooms = rooms
         self.rate_limiter = rate_limiter
+        self._typed: dict[tuple[str, str], float] = {}  # (member id, room) -> when last relayed
 
     def table(self) -> dict[str, Handler]:
         """Event name -> handler: every event a client may send (anything else is ignored)."""
-        return {"send chat": self.send_chat, "join": self.join, "leave": self.leave, "history": self.history}
+        return {
+            "send chat": self.send_chat,
+            "join": self.join,
+            "leave": self.leave,
+            "history": self.history,
+            "read": self.read,
+            "typing": self.typing,
+        }
 
     def _joined(self, sid: str, room: str) -> SocketState:
         state = self.sockets[sid]
@@ -47,15 +59,22 @@ class ChatEvents:
 
     async def send_chat(self, sid: str, payload) -> dict:
         command = parse_send_chat(payload)
-        user = self._joined(sid, command.room).user
+        state = self._joined(sid, command.room)
+        user = state.user
         wait = await self.rate_limiter.take(user.sid)
         if wait > 0:
             raise EventError(
                 "rate_limited", "You are sending too fast; wait a moment.", retry_after=round(wait + 0.0005, 3)
             )
-        message = await self.storage.add_message(command.room, user.name, user.account, command.msg, time.time())
+        named = await mentions.resolve(self.storage, command.msg)
+        message = await self.storage.add_message(
+            command.room, user.name, user.account, command.msg, time.time(), author=state.owner, mentions=named
+        )
         self.metrics.message_stored()
         await self.rooms.publish_chat(message)
+        # Storing it moved the sender's marker to it; it was the room's last message then.
+        moved = {"room": command.room, "last_id": message["id"], "read_id": message["id"], "unread": 0, "mentions": 0}
+        await self.rooms.marker_moved(state.owner, moved, sid)
         return {"ok": True, "id": message["id"]}
 
     async def join(self, sid: str, payload) -> dict:
@@ -63,17 +82,29 @@ class ChatEvents:
         state = self.sockets[sid]
         if room in state.rooms:  # already live here: a history up to what it was sent
             history, online = await self.rooms.again(state, room)
-        elif len(state.rooms) >= MAX_ROOMS_PER_SOCKET:
-            raise EventError("too_many_rooms", f"A connection can be in at most {MAX_ROOMS_PER_SOCKET} rooms.")
         else:
+            try:
+                added = await self.storage.join_room(state.owner, room)
+            except TooManyRooms:
+                raise EventError("too_many_rooms", f"You can be in at most {MAX_ROOMS} rooms.") from None
             history, online = await self.rooms.enter(sid, state, room)
+            if added:  # the owner's other sockets, on every process, enter it too
+                await self.rooms.person_changed(state.owner, "joined", room, sid)
+        found = await self.storage.room_states(state.owner, room)
+        room_state = found[0] if found else {"last_id": 0, "read_id": 0, "unread": 0, "mentions": 0}
         # The list goes into the ack as the text presence keeps, not re-encoded.
-        return {"ok": True, "room": room, "history": history, "online": JsonText(online.text)}
+        return {
+            "ok": True, "room": room, "topic": TOPIC, "history": history,
+            "online": JsonText(online.text), "online_count": online.count,
+            **{k: v for k, v in room_state.items() if k != "room"},
+        }  # fmt: skip
 
     async def leave(self, sid: str, payload) -> dict:
         room = parse_room(payload)
         state = self._joined(sid, room)
+        await self.storage.leave_room(state.owner, room)
         await self.rooms.leave(sid, state, room)
+        await self.rooms.person_changed(state.owner, "left", room, sid)
         return {"ok": True}
 
     async def history(self, sid: str, payload) -> dict:
@@ -81,3 +112,31 @@ class ChatEvents:
         self._joined(sid, query.room)
         messages = await self.storage.history(query.room, before=query.before, after=query.after, limit=query.limit)
         return {"ok": True, "messages": messages}
+
+    async def read(self, sid: str, payload) -> dict:
+        room, message_id = parse_read(payload)
+        state = self._joined(sid, room)
+        marked = await self.storage.mark_read(state.owner, room, message_id)
+        if marked is None:  # left on another process a moment ago
+            raise EventError("not_in_room", f"Join '{room}' first.")
+        room_state, moved = marked
+        if moved:
+            await self.rooms.marker_moved(state.owner, room_state, sid)
+        return {"ok": True, **room_state}
+
+    async def typing(self, sid: str, payload) -> dict:
+        """Relayed to the room's other sessions, at most once per session per room every
+        TYPING_EVERY seconds (counted on each process), never in a crowded room."""
+        room = parse_room(payload)
+        state = self._joined(sid, room)
+        member = state.user.presence_member()
+        key, now = (member["id"], room), time.monotonic()
+        if now - self._typed.get(key, -TYPING_EVERY) < TYPING_EVERY:
+            return {"ok": True}
+        if self.rooms.presence.online(room) > TYPING_MAX_ONLINE:
+            return {"ok": True}
+        if len(self._typed) >= TYPING_REMEMBERED:  # bounded: forget what no longer throttles anything
+            self._typed = {k: t for k, t in self._typed.items() if now - t < TYPING_EVERY}
+        self._typed[key] = now
+        await self.rooms.typing(room, member)
+        return {"ok": True}

@@ -14,7 +14,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from chatd.sessions import COOKIE_NAME
 from conftest import RawSocket, Visitor, connect_socket, refusal
 
-MESSAGE_FIELDS = {"id": int, "room": str, "name": str, "msg": str, "ts": float}
+MESSAGE_FIELDS = {"id": int, "room": str, "name": str, "msg": str, "ts": float, "mentions": list}
 
 
 def assert_message(message: dict, *, msg: str, name: str, room: str = "general") -> None:

@@ -121,9 +121,10 @@ async def test_unread_counts_others_messages_after_the_marker_up_to_1000(storage
 async def test_read_moves_the_marker_forward_only_and_never_past_the_last_message(storage):
     await storage.join_room("s:g", "r")
     await add(storage, "r", 5)
-    assert await storage.mark_read("s:g", "r", 3) == state("r", 5, 3, unread=2)
-    assert await storage.mark_read("s:g", "r", 2) == state("r", 5, 3, unread=2)  # never back
-    assert await storage.mark_read("s:g", "r", MAX_ID) == state("r", 5, 5)  # beyond last_id: last_id
+    assert await storage.mark_read("s:g", "r", 3) == (state("r", 5, 3, unread=2), True)
+    assert await storage.mark_read("s:g", "r", 2) == (state("r", 5, 3, unread=2), False)  # never back
+    assert await storage.mark_read("s:g", "r", 3) == (state("r", 5, 3, unread=2), False)
+    assert await storage.mark_read("s:g", "r", MAX_ID) == (state("r", 5, 5), True)  # beyond last_id: last_id
     assert await storage.mark_read("s:g", "elsewhere", 1) is None  # not among its rooms
     assert await storage.mark_read("s:other", "r", 1) is None
 

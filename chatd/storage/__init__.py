@@ -156,9 +156,9 @@ class Storage(abc.ABC):
         """Remove a room from the owner's rooms; False when it was not there."""
 
     @abc.abstractmethod
-    async def mark_read(self, owner: str, room: str, message_id: int) -> dict | None:
-        """Move the owner's marker forward to `message_id` (at most the room's last id); its
-        RoomState, or None when the room is not among the owner's rooms."""
+    async def mark_read(self, owner: str, room: str, message_id: int) -> tuple[dict, bool] | None:
+        """Move the owner's marker forward to `message_id` (at most the room's last id): its
+        RoomState and whether it moved, or None when the room is not among the owner's rooms."""
 
     @abc.abstractmethod
     async def usernames(self, keys: list[str]) -> dict[str, str]:

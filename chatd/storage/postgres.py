@@ -329,14 +329,14 @@ class PostgresStorage(Storage):
 
     async def mark_read(self, owner: str, room: str, message_id: int) -> dict | None:
         async with self._connection() as conn:
-            await conn.execute(
-                "UPDATE memberships SET read_id = GREATEST(read_id, "
-                "LEAST($1, coalesce((SELECT last_id FROM room_counters WHERE room = $3), 0))) "
-                "WHERE owner = $2 AND room = $3",
+            status = await conn.execute(
+                "WITH target AS (SELECT LEAST($1, coalesce((SELECT last_id FROM room_counters WHERE room = $3), 0)) AS id) "
+                "UPDATE memberships SET read_id = target.id FROM target "
+                "WHERE owner = $2 AND room = $3 AND read_id < target.id",
                 message_id, owner, room,
             )  # fmt: skip
             states = await self._room_states(conn, owner, room)
-        return states[0] if states else None
+        return (states[0], status != "UPDATE 0") if states else None
 
     async def usernames(self, keys: list[str]) -> dict[str, str]:
         if not keys:

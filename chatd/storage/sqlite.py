@@ -467,14 +467,17 @@ class SqliteStorage(Storage):
 
     async def mark_read(self, owner: str, room: str, message_id: int) -> dict | None:
         async with self._turn:
-            await self.db.execute(
-                "UPDATE memberships SET read_id = max(read_id, "
-                "min(?1, coalesce((SELECT last_id FROM room_counters WHERE room = ?3), 0))) "
-                "WHERE owner = ?2 AND room = ?3",
-                (message_id, owner, room),
+            cur = await self.db.execute(
+                "UPDATE memberships SET read_id = ?4 WHERE owner = ?2 AND room = ?3 AND read_id < ?4",
+                (message_id, owner, room, await self._clamped(room, message_id)),
             )
             states = await self._room_states(owner, room)
-        return states[0] if states else None
+        return (states[0], cur.rowcount > 0) if states else None
+
+    async def _clamped(self, room: str, message_id: int) -> int:
+        async with self.db.execute("SELECT last_id FROM room_counters WHERE room = ?", (room,)) as cur:
+            row = await cur.fetchone()
+        return min(message_id, row[0] if row else 0)
 
     async def usernames(self, keys: list[str]) -> dict[str, str]:
         if not keys:
