@@ -17,6 +17,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from chatd.sessions import COOKIE_NAME
+from chatd.presence import sort_key
 from conftest import Visitor, apply_presence, by_name, connect_socket
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -134,6 +135,9 @@ async def test_a_room_of_1000_hears_each_change_as_a_small_frame_and_converges_a
         assert len(frame.encode()) < 1024, len(frame)
         joined = truth_of([newcomer])[newcomer.id]
         count = len(crowd) + 2  # the crowd, the observer and the newcomer
+        # The newcomer's snapshot: only the first 500 in SPEC's order, and how many in all.
+        first_500 = sorted(truth_of([observer, newcomer], crowd).values(), key=sort_key)[:500]
+        assert newcomer.welcome["online"] == first_500 and newcomer.welcome["online_count"] == count
         assert json.loads(frame[2:]) == ["presence", {"room": "general", "joins": [joined], "leaves": [], "count": count}]
         crowd.append(newcomer)
 
@@ -309,7 +313,6 @@ async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(a
 def test_a_snapshot_is_the_cached_list_cut_where_the_caller_goes():
     """The welcome's list is written as slices of presence's cached bytes with the caller's
     entry between them: wherever the caller sorts, the pieces read as the sorted list."""
-    from chatd.presence import sort_key
     from chatd.presence.published import PublishedList
 
     def member(name: str, id_: str) -> dict:
