@@ -115,7 +115,7 @@ async def test_gaps_in_a_rooms_ids_delay_but_never_stall_delivery(storage):
     recorder = Recorder()
     sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
     await sequencer.enter("general", _nothing)
-    rows = [("general", 1, "a", None, "one", time.time()), ("general", 3, "a", None, "two", time.time())]
+    rows = [("general", 1, "a", None, "one", time.time(), None, None), ("general", 3, "a", None, "two", time.time(), None, None)]
     await storage.load("messages", rows)
     first, second = await storage.history("general")
     await sequencer.receive(first)
