@@ -20,20 +20,8 @@ from yarl import URL
 
 import orjson
 
-from . import (
-    COUNT_CAP,
-    DEFAULT_ROOM,
-    HISTORY_DEFAULT,
-    MAX_ROOMS,
-    PRIMARY_KEYS,
-    TABLES,
-    Account,
-    Storage,
-    StorageError,
-    TooManyRooms,
-    history_query,
-    room_state,
-)
+from . import HISTORY_DEFAULT, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
+from . import COUNT_CAP, DEFAULT_ROOM, MAX_ROOMS, TooManyRooms, room_state
 from .group_commit import GroupCommit
 
 CONNECT_SECONDS = 5.0

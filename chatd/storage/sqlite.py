@@ -20,22 +20,8 @@ import aiosqlite
 
 import orjson
 
-from . import (
-    COUNT_CAP,
-    DEFAULT_ROOM,
-    HISTORY_DEFAULT,
-    MAX_ID,
-    MAX_ROOMS,
-    PRIMARY_KEYS,
-    TABLES,
-    Account,
-    Storage,
-    StorageError,
-    TooManyRooms,
-    history_query,
-    mention_rows,
-    room_state,
-)
+from . import HISTORY_DEFAULT, MAX_ID, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
+from . import COUNT_CAP, DEFAULT_ROOM, MAX_ROOMS, TooManyRooms, mention_rows, room_state
 from .group_commit import GroupCommit
 
 LOCK_FILE_NAME = "chatd.lock"
