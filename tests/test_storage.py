@@ -116,6 +116,12 @@ async def test_unread_counts_others_messages_after_the_marker_up_to_1000(storage
     assert await storage.room_states("a:amy", "r") == [state("r", 5, 5)]
     await asyncio.gather(*(storage.add_message("r", "g", None, "x", 0.0, author="s:g1") for _ in range(COUNT_CAP + 5)))
     assert (await storage.room_states("a:amy", "r"))[0]["unread"] == COUNT_CAP
+    # Only others' messages count: one of amy's own past her marker (as a copy of old data may hold) does not.
+    await storage.join_room("a:amy", "copied")
+    await storage.load("messages", [("copied", 1, "amy", "amy", "old", 0.0, "a:amy", None)])
+    await storage.load("messages", [("copied", 2, "g", None, "old", 0.0, "s:g1", None)])
+    await storage.load("room_counters", [("copied", 2)])
+    assert await storage.room_states("a:amy", "copied") == [state("copied", 2, 0, unread=1)]
 
 
 async def test_read_moves_the_marker_forward_only_and_never_past_the_last_message(storage):
