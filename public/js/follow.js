@@ -17,16 +17,27 @@ export function mentionsMe(message, me) {
   return Boolean(account) && (message.mentions ?? []).some((name) => name.toLowerCase() === account);
 }
 
+const READ_EVERY_MS = 1000; // a busy room is marked read once a second, not once a message
+const readTimers = new Map(); // room name -> pending `read`
+
 /** Mark a room read up to its newest message, if it is the room on screen in a visible tab. */
 export function markRead(connection, room, shown) {
   if (!room || !shown || document.hidden || !connection?.connected) return false;
-  const last = room.lastId;
   const changed = room.unread || room.mentions;
   room.unread = 0;
   room.mentions = 0;
-  if (last !== null && last > (room.readId ?? 0)) {
-    room.readId = last;
-    connection.request("read", { room: room.name, id: last }).catch(() => {}); // the next view marks it again
+  if (room.lastId !== null && room.lastId > (room.readId ?? 0) && !readTimers.has(room.name)) {
+    const send = () => {
+      readTimers.delete(room.name);
+      const last = room.lastId;
+      if (last === null || last <= (room.readId ?? 0) || !connection.connected) return;
+      room.readId = last;
+      connection.request("read", { room: room.name, id: last }).catch(() => {}); // the next view marks it again
+    };
+    // The first at once (other tabs follow quickly); then at most one a second, with the newest id.
+    const idle = Date.now() - (room.readSentAt ?? 0) >= READ_EVERY_MS;
+    readTimers.set(room.name, setTimeout(send, idle ? 0 : READ_EVERY_MS));
+    room.readSentAt = Date.now();
   }
   return Boolean(changed);
 }
