@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client
 
-.PHONY: run test bench install vendor dist system-deps cluster clean
+.PHONY: run test bench bench-rooms install vendor dist system-deps cluster clean
 
 run: install
 	$(PY) -m chatd
@@ -14,7 +14,8 @@ run: install
 # throwaway server; see tests/pg_service.py). The second pass leaves out the browser
 # tests, the storage suite (it covers both backends itself) and the process tests
 # (command line and SQLite data dir).
-PG_PASS_IGNORE := --ignore=tests/test_browser.py --ignore=tests/test_storage.py --ignore=tests/test_process.py
+PG_PASS_IGNORE := --ignore=tests/test_browser.py --ignore=tests/test_browser_rooms.py --ignore=tests/test_storage.py \
+	--ignore=tests/test_process.py
 
 test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -28,6 +29,10 @@ cluster: install
 BENCH_ARGS ?=
 bench: install bench/loadgen/node_modules/.installed bench/node-peer/node_modules/.installed
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# A session in 50 rooms: server CPU per handshake against one in general only (bench/rooms50.py).
+bench-rooms: install
+	$(PY) bench/rooms50.py $(BENCH_ARGS)
 
 bench/%/node_modules/.installed: bench/%/package.json bench/%/package-lock.json
 	cd bench/$* && npm ci --no-audit --no-fund --loglevel=error
