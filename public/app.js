@@ -190,7 +190,10 @@ function onChat(message) {
   const mine = view.isMine(message, me);
   if (message.room === rooms.current && !mine) view.announce(`${message.name}: ${message.msg}`);
   if (!mine && mentionsMe(message, me)) {
-    if (message.room !== rooms.current || document.hidden) room.mentions += 1;
+    if (message.room !== rooms.current || document.hidden) {
+      room.mentions += 1;
+      view.renderRooms(rooms, selectRoom);
+    }
     notifier.mentioned(message);
   }
   showCurrent(false);

@@ -106,3 +106,40 @@ async def test_who_is_typing_shows_under_the_messages(start_chatd, open_page):
     await expect(message(alice, "hel")).to_have_count(1)
     await expect(typing).to_have_text("")
     await expect(messages(alice)).to_have_count(1)
+
+
+# Stands in for the browser's Notification (headless Chromium shows none) and says the tab is
+# hidden; what the page hands to it is recorded. The page itself is unchanged.
+HIDDEN_TAB_WITH_NOTIFICATIONS = """
+window.__notes = [];
+Object.defineProperty(document, "hidden", { get: () => true });
+window.Notification = class {
+  static permission = "granted";
+  static requestPermission() { return Promise.resolve("granted"); }
+  constructor(title, options) { window.__notes.push({ title, body: options.body }); }
+  addEventListener() {}
+};
+"""
+
+
+async def test_a_mention_while_the_tab_is_hidden_raises_a_notification(start_chatd, open_page):
+    url = await start_chatd()
+
+    async def hidden(page):
+        await page.add_init_script(HIDDEN_TAB_WITH_NOTIFICATIONS)
+
+    reader = await online_now(await open_page(url, "reader", before_goto=hidden))
+    await reader.get_by_label("Username").fill("nora")
+    await reader.get_by_label("Password").fill("correct horse")
+    await reader.get_by_role("button", name="Register", exact=True).click()
+    await expect(reader.get_by_test_id("me-name")).to_have_text("nora")
+    await online_now(reader)
+    writer = await online_now(await open_page(url, "writer"))
+    writer_name = await writer.get_by_test_id("me-name").text_content()
+    await send(writer, "no mention here")
+    await send(writer, "hey @Nora, <b>look</b>")
+    await expect(message(reader, "hey @Nora, <b>look</b>")).to_have_class(re.compile(r"\bmentions-me\b"))
+    notes = await reader.evaluate("window.__notes")
+    assert notes == [{"title": f"{writer_name} mentioned you in #general", "body": "hey @Nora, <b>look</b>"}]
+    # Hidden, so the room is not marked read: it counts as unread, with its mention.
+    await expect(room_button(reader, "general")).to_have_accessible_name(re.compile(r"general.*\b1 mention.*\b2 unread"))
