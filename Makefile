@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client
 
-.PHONY: run test test-fast bench soak install vendor dist system-deps cluster clean
+.PHONY: run test test-fast bench bench-rooms soak install vendor dist system-deps cluster clean
 
 run: install
 	$(PY) -m chatd
@@ -56,6 +56,10 @@ soak: install $(VENV)/.bench-installed
 $(VENV)/.bench-installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
+
+# A session in 50 rooms: server CPU per handshake against one in general only (bench/rooms50.py).
+bench-rooms: install
+	$(PY) bench/rooms50.py $(BENCH_ARGS)
 
 bench/%/node_modules/.installed: bench/%/package.json bench/%/package-lock.json
 	cd bench/$* && npm ci --no-audit --no-fund --loglevel=error

@@ -1,4 +1,5 @@
-"""What a connected client may ask: `send chat`, `edit chat`, `delete chat`, `join`, `leave`, `history`.
+"""What a connected client may ask: `send chat`, `edit chat`, `delete chat`, `join`, `leave`, `history`,
+`read`, `typing`.
 
 Each handler takes the socket id and the event's payload and returns the ack
 (`{"ok": true, …}`); it raises `EventError` for SPEC's error codes. The gate
@@ -8,17 +9,21 @@ in sio/server.py acks, or emits `chat_error` when the client gave no ack.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from . import mentions
 from .limits import ChatRateLimiter
 from .metrics import Metrics
 from .rooms import Rooms, SocketState
 from .sio.jsonhook import JsonText
 from .sio.server import Handler
-from .storage import ChangeRefused, Storage
-from .validation import ID_MAX, EventError, parse_history, parse_message_ref, parse_room, parse_send_chat
+from .storage import MAX_ROOMS, ChangeRefused, Storage, TooManyRooms
+from .validation import ID_MAX, EventError, parse_history, parse_message_ref, parse_read, parse_room, parse_send_chat
 
-MAX_ROOMS_PER_SOCKET = 20
+TOPIC = ""  # rooms have no topics yet (SPEC's `topic` comes with moderation)
+TYPING_EVERY = 2.0  # seconds: at most one `typing` per session per room this often
+TYPING_MAX_ONLINE = 100  # nothing is relayed in a room with more sessions online
+TYPING_REMEMBERED = 10_000  # throttle entries kept before the stale ones are swept
 
 
 @dataclass(eq=False)
@@ -28,6 +33,7 @@ class ChatEvents:
     metrics: Metrics
     rooms: Rooms
     rate_limiter: ChatRateLimiter
+    _typed: dict[tuple[str, str], float] = field(default_factory=dict, init=False)  # (member id, room) -> last relayed
 
     def table(self) -> dict[str, Handler]:
         """Event name -> handler: every event a client may send (anything else is ignored)."""
@@ -38,6 +44,8 @@ class ChatEvents:
             "join": self.join,
             "leave": self.leave,
             "history": self.history,
+            "read": self.read,
+            "typing": self.typing,
         }
 
     def _joined(self, sid: str, room: str) -> SocketState:
@@ -56,22 +64,29 @@ class ChatEvents:
 
     async def send_chat(self, sid: str, payload) -> dict:
         command = parse_send_chat(payload)
-        user = self._joined(sid, command.room).user
+        state = self._joined(sid, command.room)
+        user = state.user
         await self._take_token(user.sid)
+        named = await mentions.resolve(self.storage, command.msg)
         message = await self.storage.add_message(
-            command.room, user.name, user.account, command.msg, time.time(), author=user.author, client_id=command.client_id
-        )
+            command.room, user.name, user.account, command.msg, time.time(),
+            author=state.owner, client_id=command.client_id, mentions=named,
+        )  # fmt: skip
         if message.get("duplicate"):  # a resend of a kept client_id: the first send's ack, nothing else
             return {"ok": True, "id": message["id"], "rev": message["rev"]}
         self.metrics.message_stored()
         await self.rooms.publish_change("new", message)
+        # Storing it moved the sender's marker to it; it was the room's last message then.
+        moved = {"room": command.room, "last_id": message["id"], "read_id": message["id"], "unread": 0, "mentions": 0}
+        await self.rooms.marker_moved(state.owner, moved, sid)
         return {"ok": True, "id": message["id"], "rev": message["rev"]}
 
     async def edit_chat(self, sid: str, payload) -> dict:
         command = parse_message_ref(payload, with_msg=True)
-        user = self._joined(sid, command.room).user
-        await self._take_token(user.sid)
-        message = await self._change(self.storage.edit_message, command, user.author, command.msg, time.time())
+        state = self._joined(sid, command.room)
+        await self._take_token(state.user.sid)
+        named = await mentions.resolve(self.storage, command.msg)  # an edit recomputes them (SPEC)
+        message = await self._change(self.storage.edit_message, command, state.owner, command.msg, time.time(), named)
         await self.rooms.publish_change("edited", message)
         return {"ok": True, "rev": message["rev"]}
 
@@ -79,7 +94,7 @@ class ChatEvents:
         command = parse_message_ref(payload, with_msg=False)
         state = self._joined(sid, command.room)
         deleted = await self._change(
-            self.storage.delete_message, command, state.user.author, any_author=await self.moderates(state, command.room)
+            self.storage.delete_message, command, state.owner, any_author=await self.moderates(state, command.room)
         )
         await self.rooms.publish_change("deleted", deleted)
         return {"ok": True, "rev": deleted["rev"]}
@@ -105,17 +120,29 @@ class ChatEvents:
         state = self.sockets[sid]
         if room in state.rooms:  # already live here: a history up to what it was sent
             history, online = await self.rooms.again(state, room)
-        elif len(state.rooms) >= MAX_ROOMS_PER_SOCKET:
-            raise EventError("too_many_rooms", f"A connection can be in at most {MAX_ROOMS_PER_SOCKET} rooms.")
         else:
+            try:
+                added = await self.storage.join_room(state.owner, room)
+            except TooManyRooms:
+                raise EventError("too_many_rooms", f"You can be in at most {MAX_ROOMS} rooms.") from None
             history, online = await self.rooms.enter(sid, state, room)
+            if added:  # the owner's other sockets, on every process, enter it too
+                await self.rooms.person_changed(state.owner, "joined", room, sid)
+        found = await self.storage.room_states(state.owner, room)
+        room_state = found[0] if found else {"last_id": 0, "read_id": 0, "unread": 0, "mentions": 0}
         # The list goes into the ack as the text presence keeps, not re-encoded.
-        return {"ok": True, "room": room, "history": history, "online": JsonText(online.text)}
+        return {
+            "ok": True, "room": room, "topic": TOPIC, "history": history,
+            "online": JsonText(online.text), "online_count": online.count,
+            **{k: v for k, v in room_state.items() if k != "room"},
+        }  # fmt: skip
 
     async def leave(self, sid: str, payload) -> dict:
         room = parse_room(payload)
         state = self._joined(sid, room)
+        await self.storage.leave_room(state.owner, room)
         await self.rooms.leave(sid, state, room)
+        await self.rooms.person_changed(state.owner, "left", room, sid)
         return {"ok": True}
 
     async def history(self, sid: str, payload) -> dict:
@@ -128,3 +155,31 @@ class ChatEvents:
             query.room, before=query.before, after=query.after, since=query.since, limit=query.limit
         )
         return {"ok": True, "messages": messages, "rev": rev}
+
+    async def read(self, sid: str, payload) -> dict:
+        room, message_id = parse_read(payload)
+        state = self._joined(sid, room)
+        marked = await self.storage.mark_read(state.owner, room, message_id)
+        if marked is None:  # left on another process a moment ago
+            raise EventError("not_in_room", f"Join '{room}' first.")
+        room_state, moved = marked
+        if moved:
+            await self.rooms.marker_moved(state.owner, room_state, sid)
+        return {"ok": True, **room_state}
+
+    async def typing(self, sid: str, payload) -> dict:
+        """Relayed to the room's other sessions, at most once per session per room every
+        TYPING_EVERY seconds (counted on each process), never in a crowded room."""
+        room = parse_room(payload)
+        state = self._joined(sid, room)
+        member = state.user.presence_member()
+        key, now = (member["id"], room), time.monotonic()
+        if now - self._typed.get(key, -TYPING_EVERY) < TYPING_EVERY:
+            return {"ok": True}
+        if self.rooms.presence.online(room) > TYPING_MAX_ONLINE:
+            return {"ok": True}
+        if len(self._typed) >= TYPING_REMEMBERED:  # bounded: forget what no longer throttles anything
+            self._typed = {k: t for k, t in self._typed.items() if now - t < TYPING_EVERY}
+        self._typed[key] = now
+        await self.rooms.typing(room, member)
+        return {"ok": True}

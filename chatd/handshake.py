@@ -19,16 +19,16 @@ import socketio
 from .endings import SessionEndings, session_room
 from .metrics import Metrics
 from .presence.published import Snapshot
-from .rooms import Rooms, SocketState
+from .rooms import Rooms, SocketState, person_room
 from .sessions import read_session
 from .sio.jsonhook import OrjsonForSocketIO
 from .sio.server import ChatServer
-from .storage import OUTAGE_RETRY_AFTER, Storage, StorageError
-from .validation import DEFAULT_ROOM
+from .storage import DEFAULT_ROOM, OUTAGE_RETRY_AFTER, Storage, StorageError
 
 log = logging.getLogger("chatd.handshake")
 
 Refused = socketio.exceptions.ConnectionRefusedError
+NOBODY = Snapshot((b"[]",), 0)  # the welcome's `online` when the session is not in general
 
 
 @dataclass(eq=False)
@@ -81,13 +81,28 @@ class Handshake:
         if await self.storage.is_revoked(user.sid):
             self.metrics.handshake_refused("revoked")
             raise Refused("unauthorized", {"reason": "revoked"})
-        state = self.sockets[sid] = SocketState(user=user)
+        owner = user.author  # storage.owner_key
+        state = self.sockets[sid] = SocketState(user=user, owner=owner)
         self.endings.watch_expiry(sid, state)
-        history, online = await self.rooms.enter(sid, state, DEFAULT_ROOM)
+        # In the owner's room before its rooms are read: a join elsewhere meanwhile reaches it.
+        await self.sio.enter_room(sid, person_room(owner))
+        rooms = await self.storage.room_states(owner)
+        history, online, room = [], NOBODY, None
+        for room_state in rooms:
+            name = room_state["room"]
+            if name == DEFAULT_ROOM:
+                room = DEFAULT_ROOM
+                history, online = await self.rooms.enter(sid, state, name)
+            elif name not in state.rooms:
+                await self.rooms.enter_quietly(sid, state, name)
         self.metrics.handshake_accepted()
         # Sent once python-socketio has answered the CONNECT (`connected`): a Socket.IO
         # client drops, or must buffer, an event that comes before that answer.
-        state.welcome = ({"id": user.member_id, **user.public(), "room": DEFAULT_ROOM, "history": history}, online)
+        welcome = {
+            "id": user.member_id, **user.public(), "room": room, "history": history,
+            "online_count": online.count, "rooms": rooms,
+        }  # fmt: skip
+        state.welcome = (welcome, online)
 
     async def connected(self, sid: str) -> None:
         """The socket's CONNECT answer has been sent: `welcome` goes now."""
@@ -114,6 +129,6 @@ class Handshake:
         list's pieces being slices of presence's cached bytes, so the 5,000th
         handshake costs about what the first does.
         """
-        head = OrjsonForSocketIO.dumps(welcome).encode("utf-8")  # {"id":…,"history":[…]}
+        head = OrjsonForSocketIO.dumps(welcome).encode("utf-8")  # {"id":…,"history":[…],…}
         parts = (b'2["welcome",', memoryview(head)[:-1], b',"online":', *online.parts, b"}]")
         await self.sio.send_text(sid, parts)

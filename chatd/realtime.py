@@ -55,7 +55,7 @@ class Realtime:
             metrics=self.metrics,
             websocket_compression=websocket_compression,  # permessage-deflate only when asked for
         )
-        self.rooms = Rooms(self.sio, storage, presence, client_manager)
+        self.rooms = Rooms(self.sio, self.sockets, storage, presence, client_manager)
         self.endings = SessionEndings(self.sio, self.sockets, self.tasks, client_manager)
         self.handshake = Handshake(self.sio, self.sockets, storage, self.metrics, self.rooms, self.endings, self.disconnect)
         self.events = ChatEvents(self.sockets, storage, self.metrics, self.rooms, rate_limiter)

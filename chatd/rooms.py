@@ -1,10 +1,16 @@
-"""Chat rooms on this process: entering and leaving them (presence included), and the fan-out
-of a room's changes (`new chat`, `chat edited`, `chat deleted`).
+"""Chat rooms on this process: entering and leaving them (presence included), the fan-out
+of a room's changes (`new chat`, `chat edited`, `chat deleted`), and the rooms that
+follow the person.
 
 Every broadcast goes through python-socketio rooms named `room:<name>`, so that a
 Redis client manager can carry them across processes. A room's changes are the
 exception: a stored change is handed once to every process's sequencer
 (ordering.py), which emits it to that process's sockets only, in rev order.
+
+A session's rooms are kept in storage per owner (`storage.owner_key`: an account,
+or a guest session). Every socket of an owner is also in the Socket.IO room
+`person:<owner>`; a join, a leave or a moved read marker is a control message
+(`rooms`, `room_state`) that every process applies to its own sockets of that owner.
 """
 
 from __future__ import annotations
@@ -29,11 +35,17 @@ def chat_room(name: str) -> str:
     return "room:" + name
 
 
+def person_room(owner: str) -> str:
+    """Every socket of an owner (an account's: of all its sessions), on every process."""
+    return "person:" + owner
+
+
 @dataclass(slots=True)
 class SocketState:
     """What this process knows of one connected socket."""
 
     user: Identity
+    owner: str  # storage.owner_key: whose rooms and read markers
     rooms: set[str] = field(default_factory=set)
     expiry: asyncio.TimerHandle | None = None
     welcome: tuple[dict, Snapshot] | None = None  # made by the connect handler, sent after the CONNECT answer
@@ -43,11 +55,13 @@ class Rooms:
     def __init__(
         self,
         sio: ChatServer,
+        sockets: dict[str, SocketState],
         storage: Storage,
         presence: Callable[[Publish], Presence],
         cluster: RedisClientManager | None,
     ) -> None:
         self.sio = sio
+        self.sockets = sockets
         self.storage = storage
         self.cluster = cluster
         self.presence = presence(self._publish_presence)
@@ -55,6 +69,9 @@ class Rooms:
         self.sequencer = Sequencer(storage, self._deliver_change)
         if cluster is not None:
             cluster.on_control("change", self._change_published)
+            cluster.on_control("rooms", self._rooms_changed)
+            cluster.on_control("room_state", self._room_state_moved)
+            cluster.on_control("typing", self._typing)
 
     # -- entering and leaving -----------------------------------------------------
 
@@ -64,13 +81,18 @@ class Rooms:
         The socket enters the Socket.IO room before the list is read, so every
         `presence` event published after that list reaches it too.
         """
+        watermark = await self.enter_quietly(sid, state, room)
+        history = await self.history_until(room, watermark)
+        return history, await self.presence.snapshot(room, state.user.presence_member())
+
+    async def enter_quietly(self, sid: str, state: SocketState, room: str) -> int:
+        """Join a chat room, its live events and its presence, without reading its history or
+        list (the rooms a socket enters at connect); the id its live `new chat`s start after."""
         state.rooms.add(room)
         # The history stops where this socket's live changes start (ordering.py).
         watermark = await self.sequencer.enter(room, lambda: self.sio.enter_room(sid, chat_room(room)))
-        member = state.user.presence_member()
-        await self.presence.join(room, sid, member)
-        history = await self.history_until(room, watermark)
-        return history, await self.presence.snapshot(room, member)
+        await self.presence.join(room, sid, state.user.presence_member())
+        return watermark
 
     async def again(self, state: SocketState, room: str) -> tuple[list[dict], Snapshot]:
         """A room the socket is in already: its history up to what it was sent, and its online list."""
@@ -109,11 +131,62 @@ class Rooms:
 
             await self.sequencer.forget(room, unused)
 
-    async def _publish_presence(self, room: str, joins: list[Member], leaves: list[Member]) -> None:
+    async def _publish_presence(self, room: str, joins: list[Member], leaves: list[Member], count: int) -> None:
         """One `presence` event to this process's sockets of a room: with several processes, each
         computes its own sockets' events from Redis's stream of changes (presence/redis.py)."""
-        event = {"room": room, "joins": joins, "leaves": leaves}
+        event = {"room": room, "joins": joins, "leaves": leaves, "count": count}
         await self.sio.emit("presence", event, room=chat_room(room), ignore_queue=True)
+
+    # -- the person's rooms, on every process ----------------------------------------------
+
+    async def _control(self, name: str, *args) -> None:
+        """Run a control message's handler on every process (only here, without Redis)."""
+        if self.cluster is not None:
+            await self.cluster.publish_control(name, *args)
+        else:
+            handlers = {"rooms": self._rooms_changed, "room_state": self._room_state_moved, "typing": self._typing}
+            await handlers[name](*args)
+
+    async def person_changed(self, owner: str, change: str, room: str, origin: str, reason: str = "left") -> None:
+        """A room was added to (`joined`) or removed from (`left`) an owner's rooms: every other
+        socket of the owner, on every process, enters or leaves it and is told."""
+        await self._control("rooms", owner, change, room, origin, reason)
+
+    async def marker_moved(self, owner: str, state: dict, origin: str) -> None:
+        """The owner's read marker moved: its other sockets, on every process, get `room state`."""
+        await self._control("room_state", owner, state, origin)
+
+    def _local_sockets(self, owner: str, origin: str) -> list[tuple[str, SocketState]]:
+        found = []
+        for sid, _ in list(self.sio.manager.get_participants("/", person_room(owner))):
+            state = self.sockets.get(sid)
+            if sid != origin and state is not None:
+                found.append((sid, state))
+        return found
+
+    async def _rooms_changed(self, owner: str, change: str, room: str, origin: str, reason: str) -> None:
+        for sid, state in self._local_sockets(owner, origin):
+            if change == "joined" and room not in state.rooms:
+                await self.enter_quietly(sid, state, room)
+                await self.sio.emit("joined", {"room": room}, to=sid, ignore_queue=True)
+            elif change == "left" and room in state.rooms:
+                await self.leave(sid, state, room)
+                await self.sio.emit("left", {"room": room, "reason": reason}, to=sid, ignore_queue=True)
+
+    async def typing(self, room: str, member: Member) -> None:
+        """`typing` to the room's sockets of other sessions, on every process."""
+        await self._control("typing", room, member)
+
+    async def _typing(self, room: str, member: Member) -> None:
+        # Only rooms of at most 100 online get here: the walk to skip the typist's own sockets is short.
+        participants = self.sio.manager.get_participants("/", chat_room(room))
+        own = [sid for sid, _ in participants if (s := self.sockets.get(sid)) and s.user.member_id == member["id"]]
+        event = {"room": room, "member": member}
+        await self.sio.emit("typing", event, room=chat_room(room), skip_sid=own, ignore_queue=True)
+
+    async def _room_state_moved(self, owner: str, state: dict, origin: str) -> None:
+        for sid, _ in self._local_sockets(owner, origin):
+            await self.sio.emit("room state", state, to=sid, ignore_queue=True)
 
     # -- changes: stored, then ordered and delivered on every process ------------------------
 

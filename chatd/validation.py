@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .storage import HISTORY_DEFAULT, HISTORY_MAX
+from .storage import DEFAULT_ROOM, HISTORY_DEFAULT, HISTORY_MAX
 
 ROOM_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MSG_MAX = 2000
-DEFAULT_ROOM = "general"
 # The largest id storage can hold (SQLite and PostgreSQL: signed 64 bits). A
 # larger id is still a valid integer: it is clamped, so it pages back from the
 # newest message (`before`) or finds nothing (`after`).
@@ -120,6 +119,16 @@ def parse_message_ref(payload, *, with_msg: bool) -> MessageRef:
 def parse_room(payload) -> str:
     payload = _object(payload)
     return check_room(_field(payload, "room", str, required=True))
+
+
+def parse_read(payload) -> tuple[str, int]:
+    payload = _object(payload)
+    room = _field(payload, "room", str, required=True)
+    message_id = _field(payload, "id", int, required=True)
+    room = check_room(room)
+    if message_id <= 0:
+        raise EventError("invalid_request", "Message ids are positive integers.")
+    return room, min(message_id, ID_MAX)
 
 
 def parse_history(payload) -> HistoryQuery:

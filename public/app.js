@@ -1,10 +1,11 @@
 // The page's controller: it owns the connection and the rooms, and keeps the view in step.
 //
 // Two rules shape it:
-// - Rooms other than general are per socket, and history only comes on request, so every
-//   `welcome` (first connect, reconnect, new session) re-joins the page's rooms and catches
-//   each up with `history` `since` the highest revision it saw (new, edited and deleted
-//   messages; js/messages.js), then sends what waits in the outbox.
+// - The server keeps the session's rooms (welcome's `rooms`, then `joined`/`left`); history
+//   only comes on request, so every `welcome` (first connect, reconnect, new session) asks
+//   `join` for each room's snapshot and catches each up with `history` `since` the highest
+//   revision it saw (new, edited and deleted messages; js/messages.js), then sends what
+//   waits in the outbox. Read markers, mentions, typing and notifications are in js/follow.js.
 // - When this page logs in, registers or logs out, the server ends the old socket's session
 //   *before* the HTTP answer sets the new cookie. So the page ignores that ending and opens a
 //   new connection only once the answer has arrived; an ending it did not ask for (another
@@ -12,6 +13,7 @@
 
 import * as api from "./js/api.js";
 import { Connection } from "./js/connection.js";
+import { applyState, markRead, mentionsMe, Notifier, Typing } from "./js/follow.js";
 import { Outbox, applyChanges, attachMessageActions, catchUpSince, removeMessage } from "./js/messages.js";
 import { HISTORY_PAGE, Rooms } from "./js/rooms.js";
 import * as view from "./js/view.js";
@@ -21,6 +23,8 @@ const RECOVER_DELAY_MS = 1500;
 const RECOVER_DELAY_MAX_MS = 30000;
 
 const rooms = new Rooms();
+const typing = new Typing(el.typing);
+const notifier = new Notifier(el.notify);
 let me = null; // {name, account, id}: id (the public member id) once welcomed
 let connection = null;
 let ready = false; // welcomed, and every room joined again
@@ -59,6 +63,10 @@ function connect() {
     },
     ended: onEnded,
   });
+  connection.on("joined", ({ room }) => enterRoom(connection, room).catch(showError));
+  connection.on("left", ({ room }) => rooms.has(room) && dropRoom(room));
+  connection.on("room state", onRoomState);
+  connection.on("typing", (event) => typing.heard(event));
   ready = false;
   view.showStatus("Connecting");
 }
@@ -67,21 +75,26 @@ async function onWelcome(welcome) {
   const current = connection;
   recoverDelay = RECOVER_DELAY_MS;
   setIdentity(welcome);
-  if (!rooms.has("general")) current.request("leave", { room: "general" }).catch(showError); // the server always puts us there
+  rooms.sync(welcome.rooms.map((state) => state.room));
+  showCurrent();
   await Promise.all(rooms.all.map((room) => resync(current, room, welcome)));
   if (current !== connection) return;
+  for (const state of welcome.rooms) if (rooms.has(state.room)) applyState(rooms.get(state.room), state);
   ready = true;
   view.showStatus("Online");
+  showCurrent();
   outbox.render(rooms.current);
   outbox.flush();
   maybeLoadOlder();
 }
 
-/** Get a room back after (re)connecting: general comes with `welcome`, the others are joined again. */
+/** Get a room back after (re)connecting: general comes with `welcome`, the others' snapshots with `join`. */
 async function resync(current, room, welcome) {
   try {
-    const { history, online } = room.name === "general" ? welcome : await current.request("join", { room: room.name });
-    await catchUp(current, room, history, online);
+    const inWelcome = room.name === welcome.room;
+    const answer = inWelcome ? welcome : await current.request("join", { room: room.name });
+    room.onlineCount = answer.online_count ?? 0;
+    await catchUp(current, room, answer.history, answer.online);
   } catch (error) {
     if (error.code === "invalid_room" || error.code === "too_many_rooms") dropRoom(room.name); // e.g. a stale saved room
     showError(error);
@@ -187,7 +200,33 @@ function onChat(message) {
     return;
   }
   addMessages(room, [message], 0);
-  if (message.room === rooms.current && !view.isMine(message, me)) view.announce(`${message.name}: ${message.msg}`);
+  typing.sent(message, room.online);
+  const mine = view.isMine(message, me);
+  if (message.room === rooms.current && !mine) view.announce(`${message.name}: ${message.msg}`);
+  if (!mine && mentionsMe(message, me)) {
+    if (message.room !== rooms.current || document.hidden) {
+      room.mentions += 1;
+      view.renderRooms(rooms, selectRoom);
+    }
+    notifier.mentioned(message);
+  }
+  showCurrent(false);
+}
+
+/** Another tab (or device) moved the read marker we share, or sent a message. */
+function onRoomState(state) {
+  const room = rooms.get(state.room);
+  if (!room) return;
+  applyState(room, state);
+  view.renderRooms(rooms, selectRoom);
+}
+
+/** The shown room is read as it is shown (in a visible tab); the sidebar follows. */
+function showCurrent(render = true) {
+  const changed = ready && markRead(connection, rooms.get(rooms.current), true);
+  if (render || changed) view.renderRooms(rooms, selectRoom);
+  if (render) view.renderRoom(rooms.get(rooms.current), me);
+  typing.show(rooms.current);
 }
 
 function onEdited(message) {
@@ -197,12 +236,21 @@ function onEdited(message) {
 
 function onDeleted({ room: name, id, rev }) {
   const room = rooms.get(name);
-  if (room) removeMessage(room, id, rev, me, name === rooms.current);
+  if (!room) return;
+  // A deleted message no longer counts as unread (SPEC), nor as a mention.
+  const held = room.find(id);
+  if (held && room.unread > 0 && id > (room.readId ?? 0) && !view.isMine(held, me)) {
+    room.unread -= 1;
+    if (room.mentions > 0 && mentionsMe(held, me)) room.mentions -= 1;
+    view.renderRooms(rooms, selectRoom);
+  }
+  removeMessage(room, id, rev, me, name === rooms.current);
 }
 
 function onPresence(change) {
   const room = rooms.get(change.room);
   if (!room) return; // not joined yet: the join's snapshot will be newer
+  room.onlineCount = change.count ?? room.onlineCount;
   // While this socket is in a room, our session is in it: a leave of our own id can only be stale.
   room.online.apply(change, me?.id);
   if (change.room === rooms.current) view.renderOnline(room, me);
@@ -213,9 +261,9 @@ function addMessages(room, messages, unreadAbove) {
   const added = room.merge(messages);
   if (room.name === rooms.current) {
     if (added.length) view.insertMessages(room, added, me);
-    return;
+    if (!document.hidden) return; // read as it arrives
   }
-  const unread = added.filter((m) => m.id > unreadAbove).length;
+  const unread = added.filter((m) => m.id > unreadAbove && m.id > room.readId && !view.isMine(m, me)).length;
   if (unread) {
     room.unread += unread;
     view.renderRooms(rooms, selectRoom);
@@ -235,8 +283,7 @@ function showError(error) {
 
 function selectRoom(name) {
   rooms.select(name);
-  view.renderRooms(rooms, selectRoom);
-  view.renderRoom(rooms.get(name), me);
+  showCurrent();
   outbox.render(name);
   view.setMenuOpen(false);
   maybeLoadOlder();
@@ -286,24 +333,34 @@ el.sendForm.addEventListener("submit", (event) => {
 
 attachMessageActions({ connection: () => connection, room: () => rooms.get(rooms.current), showError });
 
+/** Join a room (ours: the form; another tab's or device's: `joined`) and take its snapshot. */
+async function enterRoom(current, name) {
+  if (rooms.has(name) || joining.has(name)) return;
+  joining.set(name, []);
+  try {
+    const answer = await current.request("join", { room: name });
+    const room = rooms.add(answer.room);
+    room.onlineCount = answer.online_count ?? 0;
+    await catchUp(current, room, answer.history, answer.online);
+    addMessages(room, joining.get(name), 0);
+    applyState(room, answer);
+    view.renderRooms(rooms, selectRoom);
+  } finally {
+    joining.delete(name);
+  }
+}
+
+el.message.addEventListener("input", () => typing.typed(connection, rooms.current));
+document.addEventListener("visibilitychange", () => showCurrent(false));
+
 el.joinForm.addEventListener("submit", async (event) => {
   event.preventDefault();
   const name = el.joinRoom.value.trim().replace(/^#/, "").toLowerCase();
   if (!name) return;
   try {
-    if (!rooms.has(name)) {
-      joining.set(name, []);
-      try {
-        const answer = await connection.request("join", { room: name });
-        const room = rooms.add(answer.room);
-        await catchUp(connection, room, answer.history, answer.online);
-        addMessages(room, joining.get(name), 0);
-      } finally {
-        joining.delete(name);
-      }
-    }
+    await enterRoom(connection, name);
     el.joinRoom.value = "";
-    selectRoom(name);
+    if (rooms.has(name)) selectRoom(name);
     el.message.focus();
   } catch (error) {
     showError(error);

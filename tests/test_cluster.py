@@ -333,6 +333,43 @@ async def test_only_room_broadcasts_cross_redis_not_what_is_meant_for_one_socket
         await redis.aclose()
 
 
+# -- rooms that follow the person (issue 20) ------------------------------------------------
+
+
+async def test_a_join_leave_and_read_on_one_process_reach_the_accounts_sockets_on_the_other(cluster, visitors):
+    alice = await visitors(cluster.a.url)
+    await alice.register("follow-alice")
+    phone = await visitors(cluster.b.url)  # another session of the account, on B
+    status, _ = await phone.post("/api/login", {"username": "follow-alice", "password": "correct horse"})
+    assert status == 200
+    on_a, on_b = await alice.socket(), await phone.socket()
+    for socket in (on_a, on_b):
+        await socket.next("welcome")
+
+    started = time.monotonic()
+    assert (await on_a.call("join", {"room": "across"}))["ok"] is True
+    assert await on_b.next("joined", timeout=END_WITHIN) == {"room": "across"}
+    assert time.monotonic() - started < END_WITHIN
+    # B's socket is in the room: it hears what is sent there, and the sender's marker moving.
+    sent = await on_a.call("send chat", {"room": "across", "msg": "from A"})
+    assert (await on_b.next("new chat"))["id"] == sent["id"]
+    mine = {"room": "across", "last_id": sent["id"], "read_id": sent["id"], "unread": 0, "mentions": 0}
+    assert await on_b.next("room state", timeout=END_WITHIN) == mine
+
+    bob = await visitors(cluster.b.url)
+    bob_socket = await bob.socket()
+    await bob_socket.next("welcome")
+    assert (await bob_socket.call("join", {"room": "across"}))["ok"] is True
+    ids = [(await bob_socket.call("send chat", {"room": "across", "msg": f"b{i}"}))["id"] for i in range(2)]
+    read = await on_a.call("read", {"room": "across", "id": ids[0]})
+    assert read == {"ok": True, "room": "across", "last_id": ids[1], "read_id": ids[0], "unread": 1, "mentions": 0}
+    assert await on_b.next("room state", timeout=END_WITHIN) == {k: v for k, v in read.items() if k != "ok"}
+
+    assert await on_b.call("leave", {"room": "across"}) == {"ok": True}
+    assert await on_a.next("left", timeout=END_WITHIN) == {"room": "across", "reason": "left"}
+    assert (await on_a.call("send chat", {"room": "across", "msg": "x"}))["error"] == "not_in_room"
+
+
 async def test_a_session_ending_crosses_redis_without_the_session_id(cluster, visitors):
     """Session ids are secrets: what goes over Redis names the session by a digest."""
     import json

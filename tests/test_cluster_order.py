@@ -123,11 +123,13 @@ async def test_every_socket_gets_every_acked_message_once_in_order(cluster, http
         )
 
         sending = asyncio.gather(*(send_all(s, room, f"sender {n}") for n, s in enumerate(senders)))
-        # Late joiners: they join while the messages flow, through nginx.
+        # Late joiners: they join while the messages flow, through nginx. New sessions: a socket of
+        # a session already in the room is in it from its connect (its rooms follow the session).
+        late_cookies = [await guest_cookie(http, cluster.nginx.url) for _ in range(LATE_JOINERS)]
         await asyncio.sleep(0.3)
         late = []
         for i in range(LATE_JOINERS):
-            late.append(await joined(client_class(http, cluster.nginx.url, cookies[0], {"client": f"late{i}"})))
+            late.append(await joined(client_class(http, cluster.nginx.url, late_cookies[i], {"client": f"late{i}"})))
             await asyncio.sleep(0.05)
         acked = sorted(i for ids in await sending for i in ids)
 

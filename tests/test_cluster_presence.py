@@ -440,7 +440,7 @@ async def test_holds_are_counted_per_process_and_a_batch_sent_twice_changes_noth
     heard: dict[str, list] = {"p": [], "q": []}
 
     def publish_to(name: str):
-        async def publish(room, joins, leaves) -> None:
+        async def publish(room, joins, leaves, count) -> None:
             heard[name].append((room, [m["id"] for m in joins], [m["id"] for m in leaves]))
 
         return publish

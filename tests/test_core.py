@@ -16,7 +16,7 @@ from conftest import RawSocket, Visitor, connect_socket, refusal
 
 pytestmark = pytest.mark.storage
 
-MESSAGE_FIELDS = {"id": int, "room": str, "name": str, "msg": str, "ts": float, "rev": int}
+MESSAGE_FIELDS = {"id": int, "room": str, "name": str, "msg": str, "ts": float, "rev": int, "mentions": list}
 
 
 def assert_message(message: dict, *, msg: str, name: str, room: str = "general") -> None:

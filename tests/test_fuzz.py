@@ -28,7 +28,7 @@ from conftest import RawSocket, SocketClient, Visitor
 
 pytestmark = pytest.mark.storage
 
-EVENTS = ["send chat", "join", "leave", "history"]
+EVENTS = ["send chat", "join", "leave", "history", "read", "typing"]
 KNOWN_ERRORS = {"invalid_request", "invalid_message", "invalid_room", "not_in_room", "too_many_rooms"}
 ROOM_CHARS = set(string.ascii_lowercase + string.digits + "-")
 EXAMPLES = 400
@@ -66,6 +66,8 @@ FIELDS = {
     "history": [
         ("room", str, True), ("before", int, False), ("after", int, False), ("since", int, False), ("limit", int, False)
     ],
+    "read": [("room", str, True), ("id", int, True)],
+    "typing": [("room", str, True)],
 }
 
 
@@ -94,11 +96,13 @@ def expected(event: str, payload, joined: set[str]) -> set[str]:
             value_errors.add("invalid_request")
         if limit is not None and not 1 <= limit <= 100:
             value_errors.add("invalid_request")
+    if event == "read" and payload["id"] <= 0:
+        value_errors.add("invalid_request")
     if value_errors:
         return value_errors
     if event != "join" and room not in joined:
         return {"not_in_room"}
-    if event == "join" and room not in joined and len(joined) >= 20:
+    if event == "join" and room not in joined and len(joined) >= 50:
         return {"too_many_rooms"}
     return {"ok"}
 
@@ -162,6 +166,7 @@ field_values = {
     "after": mostly(ids, json_values),
     "since": mostly(ids, json_values, tenths=4),
     "limit": mostly(st.integers(min_value=-1, max_value=102), json_values),
+    "id": mostly(ids, json_values),
 }
 
 
@@ -248,7 +253,9 @@ class Fuzzing:
             assert set(ack) == {"ok", "id", "rev"} and is_int(ack["id"]) and is_int(ack["rev"]), ack
             await self.delivered(ack["id"], room, payload["msg"].strip())
         elif event == "join":
-            assert set(ack) == {"ok", "room", "history", "online"} and ack["room"] == room, ack
+            fields = {"ok", "room", "topic", "history", "online", "online_count", "last_id", "read_id", "unread", "mentions"}
+            assert set(ack) == fields and ack["room"] == room, ack
+            assert ack["online_count"] == len(ack["online"]) and ack["read_id"] <= ack["last_id"], ack
             assert [m["id"] for m in ack["history"]] == self.room_ids.get(room, [])[-50:]
             assert self.me in ack["online"]
             keys = [(m["name"].casefold(), m["id"]) for m in ack["online"]]
@@ -257,6 +264,11 @@ class Fuzzing:
         elif event == "leave":
             assert ack == {"ok": True}
             self.joined.discard(room)
+        elif event == "read":
+            assert set(ack) == {"ok", "room", "last_id", "read_id", "unread", "mentions"} and ack["room"] == room, ack
+            assert 0 <= ack["read_id"] <= ack["last_id"] and ack["unread"] <= ack["last_id"] - ack["read_id"], ack
+        elif event == "typing":
+            assert ack == {"ok": True}
         else:
             assert set(ack) == {"ok", "messages", "rev"}, ack
             assert all(m["room"] == room for m in ack["messages"])
@@ -343,6 +355,14 @@ async def test_random_payloads_at_every_event_get_their_answer_and_disturb_nobod
     @example(step=("join", [{"room": "general"}], True))
     @example(step=("leave", None, False))
     @example(step=("send chat", {"msg": " " * 3000}, True))
+    @example(step=("read", {"room": "general", "id": 1}, True))
+    @example(step=("read", {"room": "general", "id": 2**70}, False))
+    @example(step=("read", {"room": "general", "id": 0}, True))
+    @example(step=("read", {"room": "nowhere", "id": 1}, False))
+    @example(step=("typing", {"room": "general"}, True))
+    @example(step=("typing", {"room": "general"}, False))
+    @example(step=("typing", {"room": "nowhere"}, True))
+    @example(step=("typing", None, False))
     def property_holds(step):
         future = asyncio.run_coroutine_threadsafe(fuzz.check(*step), loop)
         future.result(timeout=30)

@@ -469,7 +469,9 @@ async def test_messages_from_before_revisions_take_their_id_as_rev(backend, plac
     storage = await open_at(place)
     assert [(m["id"], m["rev"], m["edited"]) for m in await storage.history("a", since=0)] == [(1, 1, None), (3, 3, None)]
     assert await storage.revision("a") == (3, 3)
-    assert (await storage.edit_message("a", 1, "a:Amy", "amy again", 2.0))["rev"] == 4
+    with pytest.raises(ChangeRefused):
+        await storage.edit_message("a", 1, "a:Bob", "not bob's", 2.0)
+    assert (await storage.edit_message("a", 1, "a:amy", "amy again", 2.0))["rev"] == 4  # storage.owner_key
     with pytest.raises(ChangeRefused):
         await storage.delete_message("a", 3, "s:anyone")  # an old guest message is nobody's to change
     new = await storage.add_message("b", "n", None, "next", 2.0)

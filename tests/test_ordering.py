@@ -122,8 +122,8 @@ async def test_gaps_in_a_rooms_ids_delay_but_never_stall_delivery(storage):
     recorder = Recorder()
     sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
     await sequencer.enter("general", _nothing)
-    rows = [("general", 1, "a", None, "one", time.time(), 1, None, None, 0),
-            ("general", 3, "a", None, "two", time.time(), 3, None, None, 0)]  # fmt: skip
+    rows = [("general", 1, "a", None, "one", time.time(), 1, None, None, 0, None),
+            ("general", 3, "a", None, "two", time.time(), 3, None, None, 0, None)]  # fmt: skip
     await storage.load("messages", rows)
     first, second = await storage.history("general")
     await sequencer.receive(new(first))

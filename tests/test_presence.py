@@ -17,6 +17,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from chatd.sessions import COOKIE_NAME
+from chatd.presence import sort_key
 from conftest import Visitor, apply_presence, by_name, connect_socket
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -130,7 +131,12 @@ async def test_a_room_of_1000_hears_each_change_as_a_small_frame_and_converges_a
         assert len(observer.frames) == 1
         frame = observer.frames[0]
         assert len(frame.encode()) < 1024, len(frame)
-        assert json.loads(frame[2:]) == ["presence", {"room": "general", "joins": [truth_of([newcomer])[newcomer.id]], "leaves": []}]
+        joined = truth_of([newcomer])[newcomer.id]
+        count = len(crowd) + 2  # the crowd, the observer and the newcomer
+        # The newcomer's snapshot: only the first 500 in SPEC's order, and how many in all.
+        first_500 = sorted(truth_of([observer, newcomer], crowd).values(), key=sort_key)[:500]
+        assert newcomer.welcome["online"] == first_500 and newcomer.welcome["online_count"] == count
+        assert json.loads(frame[2:]) == ["presence", {"room": "general", "joins": [joined], "leaves": [], "count": count}]
         crowd.append(newcomer)
 
         # Bursts: 200 join at once, 300 leave at once, then 500 drop their connections at once.
@@ -183,7 +189,8 @@ async def test_the_joiner_snapshot_includes_itself_and_its_own_join_changes_noth
     assert second.me in welcome["online"]
     await second.sees("general", [first.me, second.me])
     events = second.drain("presence")
-    assert events and all(set(e) == {"room", "joins", "leaves"} for e in events)
+    assert events and all(set(e) == {"room", "joins", "leaves", "count"} for e in events)
+    assert events[-1]["count"] == 2 and welcome["online_count"] in (1, 2)
     assert second.members() == by_name([first.me, second.me])  # its own join, applied again, is one entry
 
 
@@ -286,7 +293,8 @@ async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(a
             for sid in manager.rooms["/"][None]
         }
         assert all(sorted(manager.get_rooms(sid, "/")) == rooms for sid, rooms in full_scan.items())
-        assert all(len(rooms) == 4 for rooms in full_scan.values())  # its own, its session's, general, side
+        # Its own, its session's, its person's (the same session: a guest), general, side.
+        assert all(len(rooms) == 5 for rooms in full_scan.values())
         for socket in sockets[:4]:
             await socket.close()
         await asyncio.sleep(0.2)
@@ -303,7 +311,6 @@ async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(a
 def test_a_snapshot_is_the_cached_list_cut_where_the_caller_goes():
     """The welcome's list is written as slices of presence's cached bytes with the caller's
     entry between them: wherever the caller sorts, the pieces read as the sorted list."""
-    from chatd.presence import sort_key
     from chatd.presence.published import PublishedList
 
     def member(name: str, id_: str) -> dict:
@@ -319,10 +326,12 @@ def test_a_snapshot_is_the_cached_list_cut_where_the_caller_goes():
         room[3],  # already listed: the cached list as it is
     ]
     for caller in callers:
-        snapshot = published.with_member(caller)
         expected = sorted({m["id"]: m for m in [*room, caller]}.values(), key=sort_key)
-        assert json.loads(snapshot.text) == expected
-        assert len(snapshot) == len(snapshot.text.encode())
+        for limit in (500, 7, 6, 5, 3, 1):  # a snapshot lists only the first `limit`, and counts them all
+            snapshot = published.with_member(caller, limit=limit)
+            assert json.loads(snapshot.text) == expected[:limit], (caller, limit)
+            assert snapshot.count == len(expected)
+            assert len(snapshot) == len(snapshot.text.encode())
     # An empty room: just the caller.
     assert json.loads(PublishedList().with_member(callers[0]).text) == [callers[0]]
     # The cache follows changes.

@@ -85,9 +85,9 @@ def member(name: str, account: str | None = None, id: str | None = None) -> dict
     return {"id": id, "name": name, "account": account}
 
 
-def change(room: str, joins=(), leaves=()) -> dict:
-    """A `presence` event."""
-    return {"room": room, "joins": list(joins), "leaves": list(leaves)}
+def change(room: str, joins=(), leaves=(), *, count: int) -> dict:
+    """A `presence` event; `count` is how many are online in the room after it."""
+    return {"room": room, "joins": list(joins), "leaves": list(leaves), "count": count}
 
 
 def ids(messages: list[dict]) -> list[int]:
@@ -154,19 +154,25 @@ async def test_join_acks_history_and_online_and_joining_again_changes_nothing(vi
     await settle(alice, bob)
 
     first = await alice.call("join", {"room": "x"})
-    assert first == {"ok": True, "room": "x", "history": [], "online": [alice.me]}
-    assert await alice.next("presence") == change("x", joins=[alice.me])
+    state = {"last_id": 0, "read_id": 0, "unread": 0, "mentions": 0}
+    assert first == {"ok": True, "room": "x", "topic": "", "history": [], "online": [alice.me], "online_count": 1,
+                     **state}  # fmt: skip
+    assert await alice.next("presence") == change("x", joins=[alice.me], count=1)
     sent = await alice.call("send chat", {"msg": "hello x", "room": "x"})
     assert (await alice.next("new chat"))["id"] == sent["id"]
 
     both = by_name([alice.me, bob.me])
     second = await bob.call("join", {"room": "x"})
-    assert second["online"] == both and ids(second["history"]) == [sent["id"]]
+    assert second["online"] == both and ids(second["history"]) == [sent["id"]] and second["online_count"] == 2
+    # bob joins with the room read up to its last message.
+    assert {k: second[k] for k in state} == {"last_id": sent["id"], "read_id": sent["id"], "unread": 0, "mentions": 0}
     for socket in (alice, bob):
-        assert await socket.next("presence") == change("x", joins=[bob.me])
+        assert await socket.next("presence") == change("x", joins=[bob.me], count=2)
 
     again = await alice.call("join", {"room": "x"})
-    assert again == {"ok": True, "room": "x", "history": second["history"], "online": both}
+    alice_state = {"last_id": sent["id"], "read_id": sent["id"], "unread": 0, "mentions": 0}  # she sent it
+    assert again == {"ok": True, "room": "x", "topic": "", "history": second["history"], "online": both,
+                     "online_count": 2, **alice_state}  # fmt: skip
     await quiet(alice, bob)
     # Still one membership: a message to x arrives once.
     sent = await bob.call("send chat", {"msg": "once", "room": "x"})
@@ -174,34 +180,39 @@ async def test_join_acks_history_and_online_and_joining_again_changes_nothing(vi
     await alice.nothing("new chat", wait=0.2)
 
 
-async def test_twenty_rooms_per_socket_general_included(visitors):
+async def test_fifty_rooms_per_session_general_included(visitors):
     visitor, alice, _ = await person(visitors)
-    for i in range(1, 20):  # general + 19 = 20
+    for i in range(1, 50):  # general + 49 = 50
         assert (await alice.call("join", {"room": f"r{i}"}))["ok"] is True
-    ack = await alice.call("join", {"room": "r20"})
+    ack = await alice.call("join", {"room": "r50"})
     assert ack["ok"] is False and ack["error"] == "too_many_rooms" and ack["message"]
-    await alice.emit("join", {"room": "r20"})
+    await alice.emit("join", {"room": "r50"})
     error = await alice.next("chat_error")
     assert (error["event"], error["error"]) == ("join", "too_many_rooms")
     # The refused room was not joined.
-    assert (await alice.call("send chat", {"msg": "hi", "room": "r20"}))["error"] == "not_in_room"
+    assert (await alice.call("send chat", {"msg": "hi", "room": "r50"}))["error"] == "not_in_room"
     # At the cap, rooms already joined can still be joined again.
     assert (await alice.call("join", {"room": "r7"}))["ok"] is True
     assert (await alice.call("join", {"room": "general"}))["ok"] is True
 
-    # The cap is per socket: another tab of the same session has its own.
+    # The cap is per session: another tab of the same session is in the same 50 rooms.
     other_tab = await visitor.socket()
-    await other_tab.next("welcome")
-    assert (await other_tab.call("join", {"room": "r20"}))["ok"] is True
+    assert len((await other_tab.next("welcome"))["rooms"]) == 50
+    assert (await other_tab.call("join", {"room": "r50"}))["error"] == "too_many_rooms"
+    # Another session has its own.
+    _, stranger, _ = await person(visitors, "r50")
 
-    # Leaving general (allowed) frees a place.
+    # Leaving general (allowed) frees a place, for both tabs.
     assert await alice.call("leave", {"room": "general"}) == {"ok": True}
-    assert (await alice.call("join", {"room": "r20"}))["ok"] is True
-    assert (await alice.call("join", {"room": "r21"}))["error"] == "too_many_rooms"
-    assert (await alice.call("send chat", {"msg": "gone from general"}))["error"] == "not_in_room"
-    sent = await alice.call("send chat", {"msg": "in r20", "room": "r20"})
+    assert await other_tab.next("left") == {"room": "general", "reason": "left"}
+    assert (await alice.call("join", {"room": "r50"}))["ok"] is True
+    assert await other_tab.next("joined") == {"room": "r50"}
+    assert (await other_tab.call("join", {"room": "r51"}))["error"] == "too_many_rooms"
+    assert (await other_tab.call("send chat", {"msg": "gone from general"}))["error"] == "not_in_room"
+    sent = await alice.call("send chat", {"msg": "in r50", "room": "r50"})
     assert sent["ok"] is True
-    assert (await other_tab.next("new chat"))["id"] == sent["id"]
+    for socket in (other_tab, stranger):
+        assert (await socket.next("new chat"))["id"] == sent["id"]
 
 
 async def test_leaving_general_is_allowed_and_announced(visitors):
@@ -209,7 +220,7 @@ async def test_leaving_general_is_allowed_and_announced(visitors):
     _, bob, bob_name = await person(visitors)
     await settle(alice, bob)
     assert await alice.call("leave", {"room": "general"}) == {"ok": True}
-    assert await bob.next("presence") == change("general", leaves=[alice.me])
+    assert await bob.next("presence") == change("general", leaves=[alice.me], count=1)
     ack = await alice.call("send chat", {"msg": "hello?"})
     assert ack["error"] == "not_in_room"
     sent = await bob.call("send chat", {"msg": "alice cannot hear this"})
@@ -291,56 +302,58 @@ async def test_presence_one_entry_per_session_sorted_and_updated_on_join_leave_d
     alice_tab1 = await people["alice"].socket()
     assert (await alice_tab1.next("welcome"))["online"] == [alice := alice_tab1.me]
     assert alice == member("alice", "alice", alice_tab1.id)
-    assert await alice_tab1.next("presence") == change("general", joins=[alice])
+    assert await alice_tab1.next("presence") == change("general", joins=[alice], count=1)
     alice_tab2 = await people["alice"].socket(transport="polling")
     assert (await alice_tab2.next("welcome"))["online"] == [alice]  # two tabs, one member
     assert alice_tab2.id == alice_tab1.id
     bob_socket = await people["bob"].socket()
     assert (await bob_socket.next("welcome"))["online"] == [alice, bob := bob_socket.me]
     for socket in (alice_tab1, alice_tab2, bob_socket):
-        assert await socket.next("presence") == change("general", joins=[bob])
+        assert await socket.next("presence") == change("general", joins=[bob], count=2)
     carol_socket = await people["Carol"].socket()
     assert (await carol_socket.next("welcome"))["online"] == [alice, bob, carol := carol_socket.me]
     for socket in (alice_tab1, alice_tab2, bob_socket, carol_socket):
-        assert await socket.next("presence") == change("general", joins=[carol])
+        assert await socket.next("presence") == change("general", joins=[carol], count=3)
     assert len({alice["id"], bob["id"], carol["id"]}) == 3
     # alice's second tab changed nothing, so nobody heard of it.
     await quiet(alice_tab1, alice_tab2, bob_socket, carol_socket)
 
-    # A room of its own: join.
+    # A room of its own: join. A tab's join takes every tab of the account into the room.
     assert (await bob_socket.call("join", {"room": "lobby"}))["online"] == [bob]
-    assert await bob_socket.next("presence") == change("lobby", joins=[bob])
+    assert await bob_socket.next("presence") == change("lobby", joins=[bob], count=1)
     assert (await alice_tab2.call("join", {"room": "lobby"}))["online"] == [alice, bob]
-    for socket in (bob_socket, alice_tab2):
-        assert await socket.next("presence") == change("lobby", joins=[alice])
-    # alice's first tab was not in lobby: it heard nothing. Now it joins: alice is there already.
-    await quiet(alice_tab1)
+    assert await alice_tab1.next("joined") == {"room": "lobby"}
+    for socket in (bob_socket, alice_tab1, alice_tab2):
+        assert await socket.next("presence") == change("lobby", joins=[alice], count=2)
+    # alice's first tab asks for the room's snapshot: alice is there already, nothing changes.
     assert (await alice_tab1.call("join", {"room": "lobby"}))["online"] == [alice, bob]
     await quiet(alice_tab1, alice_tab2, bob_socket)
     assert (await carol_socket.call("join", {"room": "lobby"}))["online"] == [alice, bob, carol]
     for socket in (bob_socket, alice_tab1, alice_tab2, carol_socket):
-        assert await socket.next("presence") == change("lobby", joins=[carol]), socket
+        assert await socket.next("presence") == change("lobby", joins=[carol], count=3), socket
 
-    # Leave: one of alice's tabs leaving changes nothing; bob leaving does.
+    # Leave: one of alice's tabs leaving takes the room from both; then bob leaves.
     assert await alice_tab2.call("leave", {"room": "lobby"}) == {"ok": True}
+    assert await alice_tab1.next("left") == {"room": "lobby", "reason": "left"}
+    for socket in (bob_socket, carol_socket):
+        assert await socket.next("presence") == change("lobby", leaves=[alice], count=2)
     assert await bob_socket.call("leave", {"room": "lobby"}) == {"ok": True}
-    for socket in (alice_tab1, carol_socket):
-        assert await socket.next("presence") == change("lobby", leaves=[bob])
-    await quiet(bob_socket, alice_tab2)  # bob is out of lobby, and general did not change
+    assert await carol_socket.next("presence") == change("lobby", leaves=[bob], count=1)
+    await quiet(bob_socket, alice_tab1, alice_tab2)  # out of lobby, and general did not change
 
-    # Disconnect: alice's tab in lobby goes; general keeps her (the other tab) and says nothing.
+    # Disconnect: one of alice's tabs goes; general keeps her (the other tab) and says nothing.
     await alice_tab1.close()
-    assert await carol_socket.next("presence") == change("lobby", leaves=[alice])
+    await quiet(bob_socket, carol_socket)
     await alice_tab2.close()
     for socket in (bob_socket, carol_socket):
-        assert await socket.next("presence") == change("general", leaves=[alice])
+        assert await socket.next("presence") == change("general", leaves=[alice], count=2)
     await quiet(bob_socket, carol_socket)
 
     # The session ends (logout): its socket is told and goes, and the rooms hear of it.
     status, _ = await people["Carol"].post("/api/logout")
     assert status == 200
     assert await carol_socket.next("session_ended") == {"reason": "logout"}
-    assert await bob_socket.next("presence") == change("general", leaves=[carol])
+    assert await bob_socket.next("presence") == change("general", leaves=[carol], count=1)
     assert bob_socket.members() == [bob]
 
 

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from chatd.config import DATABASE_FILE_NAME
-from chatd.storage import MAX_ID, TABLES, Account, StorageError
+from chatd.storage import COUNT_CAP, MAX_ID, MAX_ROOMS, TABLES, Account, StorageError, TooManyRooms
 from chatd.storage import postgres as pg_module
 from chatd.storage import sqlite as sqlite_module
 from chatd.storage.copy import open_storage
@@ -68,13 +68,128 @@ def ids(messages: list[dict]) -> list[int]:
     return [m["id"] for m in messages]
 
 
+# -- rooms of a person, read markers, mentions ---------------------------------------
+
+
+def state(room: str, last_id: int, read_id: int, unread: int = 0, mentions: int = 0) -> dict:
+    return {"room": room, "last_id": last_id, "read_id": read_id, "unread": unread, "mentions": mentions}
+
+
+async def test_a_new_owner_is_in_general_read_up_to_now_and_rooms_are_kept_per_owner(storage):
+    await add(storage, "general", 3)
+    assert await storage.room_states("s:guest1") == [state("general", 3, 3)]
+    assert await storage.join_room("a:alice", "zoo") is True
+    assert await storage.join_room("a:alice", "zoo") is False  # joined already: nothing changes
+    assert await storage.join_room("a:alice", "abc") is True
+    assert [s["room"] for s in await storage.room_states("a:alice")] == ["abc", "general", "zoo"]  # by name
+    assert await storage.room_states("s:guest1", "zoo") == []  # another owner's rooms are its own
+    assert await storage.leave_room("a:alice", "general") is True
+    assert await storage.leave_room("a:alice", "general") is False
+    # Left general: it does not come back, and an owner in no room at all stays there.
+    assert [s["room"] for s in await storage.room_states("a:alice")] == ["abc", "zoo"]
+    for room in ("abc", "zoo"):
+        await storage.leave_room("a:alice", room)
+    assert await storage.room_states("a:alice") == []
+    assert await storage.leave_room("s:guest2", "general") is True  # never seen: seeded, then left
+    assert await storage.room_states("s:guest2") == []
+
+
+async def test_at_most_50_rooms_general_included(storage):
+    for i in range(MAX_ROOMS - 1):
+        assert await storage.join_room("a:bob", f"r{i}") is True
+    assert len(await storage.room_states("a:bob")) == MAX_ROOMS  # general and 49 more
+    with pytest.raises(TooManyRooms):
+        await storage.join_room("a:bob", "one-more")
+    assert await storage.join_room("a:bob", "r0") is False  # a joined room is still fine
+    await storage.leave_room("a:bob", "r0")
+    assert await storage.join_room("a:bob", "one-more") is True
+
+
+async def test_unread_counts_others_messages_after_the_marker_up_to_1000(storage):
+    await storage.join_room("a:amy", "r")
+    await storage.add_message("r", "amy", "amy", "mine", 0.0, author="a:amy")
+    assert await storage.room_states("a:amy", "r") == [state("r", 1, 1)]  # sending moved the marker
+    for i in range(3):
+        await storage.add_message("r", "guest-1", None, f"m{i}", 0.0, author="s:g1")
+    assert await storage.room_states("a:amy", "r") == [state("r", 4, 1, unread=3)]
+    await storage.add_message("r", "amy", "amy", "mine again", 0.0, author="a:amy")
+    assert await storage.room_states("a:amy", "r") == [state("r", 5, 5)]
+    await asyncio.gather(*(storage.add_message("r", "g", None, "x", 0.0, author="s:g1") for _ in range(COUNT_CAP + 5)))
+    assert (await storage.room_states("a:amy", "r"))[0]["unread"] == COUNT_CAP
+    # Only others' messages count: one of amy's own past her marker (as a copy of old data may hold) does not.
+    await storage.join_room("a:amy", "copied")
+    await storage.load("messages", [("copied", 1, "amy", "amy", "old", 0.0, 1, None, "a:amy", 0, None)])
+    await storage.load("messages", [("copied", 2, "g", None, "old", 0.0, 2, None, "s:g1", 0, None)])
+    await storage.load("room_counters", [("copied", 2, 2)])
+    assert await storage.room_states("a:amy", "copied") == [state("copied", 2, 0, unread=1)]
+
+
+async def test_read_moves_the_marker_forward_only_and_never_past_the_last_message(storage):
+    await storage.join_room("s:g", "r")
+    await add(storage, "r", 5)
+    assert await storage.mark_read("s:g", "r", 3) == (state("r", 5, 3, unread=2), True)
+    assert await storage.mark_read("s:g", "r", 2) == (state("r", 5, 3, unread=2), False)  # never back
+    assert await storage.mark_read("s:g", "r", 3) == (state("r", 5, 3, unread=2), False)
+    assert await storage.mark_read("s:g", "r", MAX_ID) == (state("r", 5, 5), True)  # beyond last_id: last_id
+    assert await storage.mark_read("s:g", "elsewhere", 1) is None  # not among its rooms
+    assert await storage.mark_read("s:other", "r", 1) is None
+
+
+async def test_mentions_are_kept_with_the_message_and_counted_per_account(storage):
+    await storage.join_room("a:amy", "r")
+    await storage.join_room("a:bob", "r")
+    stored = await storage.add_message("r", "bob", "bob", "hi @amy @bob", 0.0, author="a:bob", mentions=["Amy", "bob"])
+    assert stored["mentions"] == ["Amy", "bob"]
+    await storage.add_message("r", "g", None, "@amy again", 0.0, author="s:g", mentions=["Amy"])
+    assert (await storage.history("r"))[0]["mentions"] == ["Amy", "bob"]
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=2, mentions=2)]
+    # Bob's own message does not count for him, even though it names him.
+    assert await storage.room_states("a:bob", "r") == [state("r", 2, 1, unread=1, mentions=0)]
+    await storage.mark_read("a:amy", "r", 1)
+    assert (await storage.room_states("a:amy", "r"))[0]["mentions"] == 1
+    await storage.create_account("Amy", "h")
+    await storage.create_account("bob", "h")
+    assert await storage.usernames(["amy", "nobody", "bob"]) == {"amy": "Amy", "bob": "bob"}
+
+
+async def test_a_deleted_message_stops_counting_and_an_edit_recomputes_mentions(storage):
+    await storage.join_room("a:amy", "r")
+    first = await storage.add_message("r", "bob", "bob", "hi @amy", 0.0, author="a:bob", mentions=["Amy"])
+    second = await storage.add_message("r", "bob", "bob", "plain", 0.0, author="a:bob")
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=2, mentions=1)]
+    # An edit that removes the mention takes it off the count; one that adds it puts it on.
+    edited = await storage.edit_message("r", second["id"], "a:bob", "now @amy", 1.0, ["Amy"])
+    assert edited["mentions"] == ["Amy"]
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=2, mentions=2)]
+    edited = await storage.edit_message("r", first["id"], "a:bob", "hi all", 2.0, [])
+    assert edited["mentions"] == []
+    assert [m["mentions"] for m in await storage.history("r")] == [[], ["Amy"]]
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=2, mentions=1)]
+    # A deleted message is no longer unread, and its mention goes with it.
+    await storage.delete_message("r", second["id"], "a:bob")
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=1, mentions=0)]
+    await storage.delete_message("r", first["id"], "a:bob")
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0)]
+    assert await storage.count("mentions") == 0  # erased, not only left out
+    # A repeated send (a kept client_id) records no mention and moves no marker.
+    await storage.join_room("a:bob", "r")
+    now = time.time()  # a client_id is kept for a day from its send
+    sent = await storage.add_message("r", "amy", "amy", "@bob", now, author="a:amy", client_id="c1", mentions=["bob"])
+    await storage.add_message("r", "bob", "bob", "hello", now, author="a:bob")
+    again = await storage.add_message("r", "amy", "amy", "@bob", now, author="a:amy", client_id="c1", mentions=["bob"])
+    assert again == {"room": "r", "id": sent["id"], "rev": sent["rev"], "duplicate": True}
+    assert await storage.count("mentions") == 1
+    assert await storage.room_states("a:amy", "r") == [state("r", 4, 3, unread=1)]
+    assert await storage.room_states("a:bob", "r") == [state("r", 4, 4)]
+
+
 # -- messages -----------------------------------------------------------------------
 
 
 async def test_add_message_returns_the_message_with_per_room_gapless_ids(storage):
     first = await storage.add_message("general", "guest-1234", None, "hello", 1700000000.25)
     assert first == {"id": 1, "room": "general", "name": "guest-1234", "account": None, "msg": "hello",
-                     "ts": 1700000000.25, "rev": 1, "edited": None}  # fmt: skip
+                     "ts": 1700000000.25, "rev": 1, "edited": None, "mentions": []}  # fmt: skip
     assert ids(await add(storage, "general", 3)) == [2, 3, 4]
     assert ids(await add(storage, "other", 2)) == [1, 2]  # every room counts from 1
     assert ids(await add(storage, "general", 1)) == [5]
@@ -243,29 +358,35 @@ async def test_dump_load_count_and_clear(place, open_at):
     rows = {
         "accounts": [("Zed", "zed", "h1", 1.0), ("amy", "amy", "h2", 2.0)],
         "messages": [
-            ("b", 7, "n", None, "x\x00", 0.5, 9, 3.5, "s:1", 0),
-            ("a", 2, "", None, "", 1.5, 4, None, None, 1),  # a deletion's tombstone
-            ("a", 1, "n", None, "z", 2.5, 1, None, "a:amy", 0),
+            ("b", 7, "n", None, "x\x00", 0.5, 9, 3.5, "s:1", 0, None),
+            ("a", 2, "", None, "", 1.5, 4, None, None, 1, None),  # a deletion's tombstone
+            ("a", 3, "n", "amy", "y @zed", 3.5, 5, None, "a:amy", 0, '["Zed"]'),
+            ("a", 1, "n", None, "z", 2.5, 1, None, "s:m1", 0, None),
         ],
-        "room_counters": [("a", 2, 4), ("b", 7, 9)],
+        "room_counters": [("a", 3, 5), ("b", 7, 9)],
         "client_ids": [("s:1", "b", "c-1", 7, 9, float(int(time.time())))],  # kept for a day from now
         "revoked_sessions": [("s2", 10), ("s1", 2**40)],
+        "room_owners": [("a:amy",), ("s:m1",)],
+        "memberships": [("a:amy", "a", 2), ("a:amy", "general", 0), ("s:m1", "a", 1)],
+        "mentions": [("zed", "a", 2)],
     }
     for table in TABLES:
         await storage.load(table, rows[table])
     for table in TABLES:
         assert await storage.count(table) == len(rows[table])
         dumped = [row async for batch in storage.dump(table, batch_size=2) for row in batch]
-        key = {"accounts": lambda r: r[1], "messages": lambda r: (r[0], r[1])}.get(table, lambda r: r[0])
+        key = {"accounts": lambda r: r[1], "messages": lambda r: (r[0], r[1])}.get(table, lambda r: r)
         if table == "messages":  # PostgreSQL's deleted is a boolean, SQLite's 0/1: equal either way
-            dumped = [(*r[:9], int(r[9])) for r in dumped]
+            dumped = [(*r[:9], int(r[9]), *r[10:]) for r in dumped]
         assert dumped == sorted(rows[table], key=key)
     assert await storage.is_revoked("s1") is True
     next_ = await storage.add_message("b", "n", None, "next", 0.0)
     assert (next_["id"], next_["rev"]) == (8, 10)  # counters are loaded too
     assert (await storage.history("a", since=0)) == [
-        {"id": 1, "room": "a", "name": "n", "account": None, "msg": "z", "ts": 2.5, "rev": 1, "edited": None},
+        {"id": 1, "room": "a", "name": "n", "account": None, "msg": "z", "ts": 2.5, "rev": 1, "edited": None, "mentions": []},
         {"room": "a", "id": 2, "rev": 4, "deleted": True},
+        {"id": 3, "room": "a", "name": "n", "account": "amy", "msg": "y @zed", "ts": 3.5, "rev": 5, "edited": None,
+         "mentions": ["Zed"]},
     ]
     repeat = await storage.add_message("b", "m", None, "x", 1.0, author="s:1", client_id="c-1")
     assert repeat == {"room": "b", "id": 7, "rev": 9, "duplicate": True}
@@ -555,17 +676,21 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
     source = await open_at(str(source_dir))
     messages = [(rooms[i % 4], i // 4 + 1, f"u{i % 50}", None if i % 3 else f"u{i % 50}",
                  f"message {i} \x00 😀", 1700000000 + i / 10, i // 4 + 3, None if i % 7 else 1.0 * i,
-                 f"a:u{i % 50}", 0) for i in range(100_000)]  # fmt: skip
+                 f"a:u{i % 50}", 0, '["User1"]' if i % 7 == 0 else None) for i in range(100_000)]  # fmt: skip
     for start in range(0, len(messages), 20_000):
         await source.load("messages", messages[start : start + 20_000])
     await source.load("room_counters", [(room, 25_000, 25_002) for room in rooms])
     await source.load("accounts", [(f"User{i}", f"user{i}", f"hash{i}", float(i)) for i in range(100)])
     await source.load("revoked_sessions", [(f"sid{i}", 2**40 + i) for i in range(100)])
+    await source.load("room_owners", [("a:user1",)])
+    await source.load("memberships", [("a:user1", room, 7) for room in rooms])
+    await source.load("mentions", [("user1", rooms[i % 4], i // 4 + 1) for i in range(0, 100_000, 7)])
     await source.close()
 
     to_pg = run_copy("--from", str(source_dir), "--to", pg_database_url)
     assert to_pg.returncode == 0, to_pg.stderr
-    assert "copied 100 accounts, 100000 messages, 4 room_counters, 0 client_ids, 100 revoked_sessions" in to_pg.stdout
+    assert "copied 100 accounts, 100000 messages, 4 room_counters, 0 client_ids, 100 revoked_sessions, " \
+        "1 room_owners, 4 memberships, 14286 mentions" in to_pg.stdout
     assert "messages 100000/100000 (100%)" in to_pg.stderr
     back = run_copy("--from", pg_database_url, "--to", str(back_dir))
     assert back.returncode == 0, back.stderr
@@ -576,11 +701,15 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
         assert len(pages[0]) == 250 and pages[0] == pages[1] == pages[2]
         afters = [await storage.history(room, after=24_950) for storage in copies]
         assert afters[0] == afters[1] == afters[2] and len(afters[0]) == 50
-    for table in ("accounts", "messages", "room_counters", "revoked_sessions"):  # messages: revs, edits, authors
+    tables = ("accounts", "messages", "room_counters", "revoked_sessions", "room_owners", "memberships", "mentions")
+    for table in tables:  # messages: revs, edits, authors, mentions
         dumps = [[row async for batch in s.dump(table) for row in batch] for s in copies]
         assert dumps[0] == dumps[1] == dumps[2]
         sinces = [await storage.history(room, since=25_000) for storage in copies]  # revisions and edits too
         assert sinces[0] == sinces[1] == sinces[2] and len(sinces[0]) == 2
+    # Read markers and mentions come along: user1 has unread messages and mentions everywhere.
+    states = [await s.room_states("a:user1") for s in copies]
+    assert states[0] == states[1] == states[2] and states[0][0]["mentions"] > 0
     # The copies go on counting where the source stopped.
     assert [(await s.add_message("dev", "n", None, "next", 0.0))["id"] for s in copies[1:]] == [25_001, 25_001]
     assert [(await s.add_message("dev", "n", None, "next", 0.0))["rev"] for s in copies[1:]] == [25_004, 25_004]

@@ -35,8 +35,9 @@ if TYPE_CHECKING:  # published.py imports this module
     from .published import Snapshot
 
 Member = dict  # {"id": str, "name": str, "account": str | None}
-# publish(room, joins, leaves): one `presence` event to every socket of the room.
-Publish = Callable[[str, list[Member], list[Member]], Awaitable[None]]
+# publish(room, joins, leaves, count): one `presence` event to every socket of the room;
+# `count` is how many are online there after it.
+Publish = Callable[[str, list[Member], list[Member], int], Awaitable[None]]
 
 
 def sort_key(member: Member) -> tuple[str, str]:
@@ -89,6 +90,14 @@ class Presence(abc.ABC):
         the current state the published one; the (joins, leaves) between the two."""
 
     @abc.abstractmethod
+    def _published_count(self, room: str) -> int:
+        """How many sessions the room's published state holds (what `presence` says as `count`)."""
+
+    def online(self, room: str) -> int:
+        """About how many sessions are online in the room."""
+        return self._size(room)
+
+    @abc.abstractmethod
     def _size(self, room: str) -> int:
         """About how many sessions are in the room (sets the batching window)."""
 
@@ -100,4 +109,4 @@ class Presence(abc.ABC):
     async def _flush(self, room: str, touched: dict[str, Member]) -> None:
         joins, leaves = await self._settle(room, touched)
         if joins or leaves:
-            await self._publish(room, joins, leaves)
+            await self._publish(room, joins, leaves, self._published_count(room))

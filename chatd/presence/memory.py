@@ -58,6 +58,10 @@ class MemoryPresence(Presence):
             del self._rooms[room]
         return changes
 
+    def _published_count(self, room: str) -> int:
+        state = self._rooms.get(room)
+        return len(state.published.members) if state is not None else 0
+
     def _size(self, room: str) -> int:
         state = self._rooms.get(room)
         return len(state.sockets) if state is not None else 0

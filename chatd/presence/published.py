@@ -19,13 +19,18 @@ import orjson
 from . import Member, sort_key
 
 
+SNAPSHOT_LIMIT = 500  # SPEC: a snapshot lists at most the first 500 members
+
+
 class Snapshot:
-    """A room's online list as JSON, in pieces: slices of the cached list and the caller's entry."""
+    """A room's online list as JSON, in pieces: slices of the cached list and the caller's entry;
+    `count` is how many are online in all (the list stops at SNAPSHOT_LIMIT)."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("parts", "count")
 
-    def __init__(self, parts: tuple[bytes | memoryview, ...]) -> None:
+    def __init__(self, parts: tuple[bytes | memoryview, ...], count: int) -> None:
         self.parts = parts
+        self.count = count
 
     def __len__(self) -> int:
         return sum(len(part) for part in self.parts)
@@ -88,22 +93,38 @@ class PublishedList:
             self._encoded = b"[" + b",".join(self.fragments) + b"]"
         return self._encoded
 
-    def with_member(self, member: Member) -> Snapshot:
-        """The list with `member` in its place: the cached bytes, cut where it goes (no copy)."""
+    def with_member(self, member: Member, limit: int = SNAPSHOT_LIMIT) -> Snapshot:
+        """The first `limit` members with `member` in its place: the cached bytes, cut where it
+        goes and where the list stops (no copy)."""
+        size = len(self.keys)
         if member["id"] in self.members:
-            return Snapshot((self.encoded,))
+            return Snapshot(self._first(limit), size)
+        index = bisect_left(self.keys, sort_key(member))
+        if index >= limit:  # the caller is past the snapshot's end
+            return Snapshot(self._first(limit), size + 1)
         fragment = _json(member)
         if not self.keys:
-            return Snapshot((b"[", fragment, b"]"))
-        index = bisect_left(self.keys, sort_key(member))
-        encoded = memoryview(self.encoded)
-        if index == len(self.keys):
-            return Snapshot((encoded[:-1], b",", fragment, b"]"))
+            return Snapshot((b"[", fragment, b"]"), 1)
+        head = self._cut(index)  # "[" and the members before the caller, each with its ","
+        if index == size:
+            return Snapshot((self._cut(size)[:-1], b",", fragment, b"]"), size + 1)
+        tail = memoryview(self.encoded)[len(head) : len(self._cut(min(size, limit - 1))) - 1]
+        if not tail:  # the caller is the last one shown
+            return Snapshot((head, fragment, b"]"), size + 1)
+        return Snapshot((head, fragment, b",", tail, b"]"), size + 1)
+
+    def _cut(self, n: int) -> memoryview:
+        """The cached JSON up to the end of the first `n` members, each followed by one character."""
         if self._offsets is None:
             # Where each member's JSON starts: after "[" and each earlier member and its ",".
             self._offsets = list(itertools.accumulate((len(f) + 1 for f in self.fragments), initial=1))
-        at = self._offsets[index]
-        return Snapshot((encoded[:at], fragment, b",", encoded[at:]))
+        return memoryview(self.encoded)[: self._offsets[n]]
+
+    def _first(self, limit: int) -> tuple[bytes | memoryview, ...]:
+        """The cached list cut after its first `limit` members."""
+        if len(self.keys) <= limit:
+            return (self.encoded,)
+        return (self._cut(limit)[:-1], b"]")
 
 
 def _json(member: Member) -> bytes:

@@ -266,6 +266,10 @@ class RedisPresence(Presence):
             return [], []
         return state.published.settle(touched, state.current.get)
 
+    def _published_count(self, room: str) -> int:
+        state = self._rooms.get(room)
+        return len(state.published.members) if state is not None else 0
+
     def _size(self, room: str) -> int:
         state = self._rooms.get(room)
         return len(state.current) if state is not None else 0

@@ -29,6 +29,8 @@ import time
 from typing import TYPE_CHECKING, AsyncIterator
 from dataclasses import dataclass
 
+import orjson
+
 if TYPE_CHECKING:
     from .group_commit import GroupCommit
 
@@ -41,7 +43,25 @@ CLIENT_ID_PRUNE_EVERY = 600.0  # seconds between removals of expired client_ids
 
 log = logging.getLogger("chatd.storage")
 
-HISTORY_COLUMNS = "room, id, name, account, msg, ts, rev, edited"
+HISTORY_COLUMNS = "room, id, name, account, msg, ts, rev, edited, mentions"
+
+MAX_ROOMS = 50  # SPEC: rooms per session (an account's: per account), general and direct rooms included
+COUNT_CAP = 1000  # SPEC: `unread` and `mentions` are counted up to this
+DEFAULT_ROOM = "general"  # where a new session, or an account that never joined anything, is
+
+
+def owner_key(account: str | None, member_id: str) -> str:
+    """Whose rooms, read markers, messages and client_ids: an account's (every session of it),
+    else the guest session's.
+
+    Keyed by the session's public member id, never by the cookie's `sid`. Stored as a
+    message's `author`: who may edit and delete it, and whose `unread` leaves it out.
+    """
+    return "a:" + account.lower() if account is not None else "s:" + member_id
+
+
+class TooManyRooms(Exception):
+    """`join_room` would put an owner over MAX_ROOMS."""
 
 
 def history_query(
@@ -67,9 +87,27 @@ def history_query(
         return f"{select} AND id < {{}} ORDER BY id DESC LIMIT {{}}", (room, before, limit), True
     return f"{select} ORDER BY id DESC LIMIT {{}}", (room, limit), True
 
-def message_dict(room: str, id_: int, name: str, account: str | None, msg: str, ts: float, rev: int, edited) -> dict:
-    """SPEC's Message."""
-    return {"id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts, "rev": rev, "edited": edited}
+
+def message_dict(
+    room: str, id_: int, name: str, account: str | None, msg: str, ts: float, rev: int, edited, mentions
+) -> dict:
+    """SPEC's Message (`mentions` a list, or as stored: see `stored_mentions`)."""
+    return {
+        "id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts,
+        "rev": rev, "edited": edited, "mentions": stored_mentions(mentions),
+    }  # fmt: skip
+
+
+def stored_mentions(value) -> list[str]:
+    """A message's mentions from its `mentions` column (JSON text, NULL for none) or a list."""
+    if isinstance(value, (str, bytes)):
+        return orjson.loads(value)
+    return list(value or ())
+
+
+def mentions_json(mentions: list[str] | tuple[str, ...]) -> str | None:
+    """How a message's mentions are stored: a JSON list, NULL when there are none."""
+    return orjson.dumps(list(mentions)).decode() if mentions else None
 
 
 def deletion(room: str, id_: int, rev: int) -> dict:
@@ -88,10 +126,13 @@ class ChangeRefused(Exception):
 # Every table's columns, in the order `dump` yields and `load` takes them (copy-data).
 TABLES: dict[str, tuple[str, ...]] = {
     "accounts": ("username", "username_key", "password_hash", "created"),
-    "messages": ("room", "id", "name", "account", "msg", "ts", "rev", "edited", "author", "deleted"),
+    "messages": ("room", "id", "name", "account", "msg", "ts", "rev", "edited", "author", "deleted", "mentions"),
     "room_counters": ("room", "last_id", "last_rev"),  # after messages: a copy's counters are never behind its ids
     "client_ids": ("author", "room", "client_id", "id", "rev", "created"),
     "revoked_sessions": ("sid", "until"),
+    "room_owners": ("owner",),
+    "memberships": ("owner", "room", "read_id"),
+    "mentions": ("account", "room", "id"),
 }
 PRIMARY_KEYS: dict[str, str] = {
     "accounts": "username_key",
@@ -99,7 +140,20 @@ PRIMARY_KEYS: dict[str, str] = {
     "messages": "room, id",
     "client_ids": "author, room, client_id",
     "revoked_sessions": "sid",
+    "room_owners": "owner",
+    "memberships": "owner, room",
+    "mentions": "account, room, id",
 }
+
+
+def room_state(row) -> dict:
+    room, read_id, last_id, unread, mentions = row
+    return {"room": room, "last_id": last_id, "read_id": read_id, "unread": unread, "mentions": mentions}
+
+
+def mention_rows(room: str, id_: int, author: str | None, mentions) -> list[tuple[str, str, int]]:
+    """(account key, room, id) for each account a stored message mentions, its author excepted."""
+    return [(name.lower(), room, id_) for name in mentions or () if "a:" + name.lower() != author]
 
 
 class StorageError(Exception):
@@ -139,36 +193,47 @@ class Storage(abc.ABC):
         *,
         author: str | None = None,
         client_id: str | None = None,
+        mentions: tuple[str, ...] | list[str] = (),
     ) -> dict:
         """Store a message durably and return it with its id and rev (Message shape of SPEC).
 
-        `author` is who may edit it (an account or a session, see Identity.author);
-        with `client_id` too, a repeat of a send kept for the last day stores
-        nothing and returns `{"room","id","rev","duplicate": True}` of the first.
+        `author` is its writer's `owner_key`: who may edit it, and in the same transaction
+        the writer's read marker in the room moves to it. `mentions` are canonical usernames
+        (`mentions.resolve`). With `client_id` too, a repeat of a send kept for the last day
+        stores nothing (no marker moves, no mention is recorded) and returns
+        `{"room","id","rev","duplicate": True}` of the first.
         """
         return await self._group_commit.submit(
-            {"room": room, "name": name, "account": account, "msg": msg, "ts": ts, "author": author, "client_id": client_id}
-        )
+            {
+                "room": room, "name": name, "account": account, "msg": msg, "ts": ts,
+                "author": author, "client_id": client_id, "mentions": list(mentions),
+            }
+        )  # fmt: skip
 
-    async def edit_message(self, room: str, id_: int, author: str | None, msg: str, now: float) -> dict:
-        """Replace a message's text (its author only), under the room's next rev; the new Message.
+    async def edit_message(
+        self, room: str, id_: int, author: str | None, msg: str, now: float, mentions: tuple[str, ...] | list[str] = ()
+    ) -> dict:
+        """Replace a message's text (its author only) and its `mentions`, under the room's next rev;
+        the new Message.
 
         Raises ChangeRefused("not_found") for no such (or a deleted) message, ("forbidden") for another author.
         """
-        return await self._change(room, id_, author, msg, now, False)
+        return await self._change(room, id_, author, msg, now, False, list(mentions))
 
     async def delete_message(self, room: str, id_: int, author: str | None, *, any_author: bool = False) -> dict:
         """Erase a message (its author's, or anyone's with `any_author`), under the room's next rev.
 
-        The text is gone from storage when this returns; `{"room","id","rev"}`. ChangeRefused as for edits.
+        The text and its mentions are gone from storage when this returns; `{"room","id","rev"}`.
+        ChangeRefused as for edits.
         """
-        return await self._change(room, id_, author, None, 0.0, any_author)
+        return await self._change(room, id_, author, None, 0.0, any_author, [])
 
     @abc.abstractmethod
     async def _change(
-        self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool
+        self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool, mentions: list[str]
     ) -> dict:
-        """An edit (`msg`) or a delete (`msg` None) in one transaction with the room's next rev."""
+        """An edit (`msg`, its new `mentions`) or a delete (`msg` None) in one transaction with the
+        room's next rev; either replaces the message's rows in the mentions index."""
 
     async def history(
         self,
@@ -198,6 +263,34 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def prune_client_ids(self, before: float) -> int:
         """Forget client_ids kept since before `before`; how many."""
+
+    # -- rooms of a person, read markers -------------------------------------------
+
+    @abc.abstractmethod
+    async def room_states(self, owner: str, room: str | None = None) -> list[dict]:
+        """RoomState of each of the owner's rooms, sorted by name (only `room`'s, if given).
+
+        An owner never seen before is first put in `general`. One query: per room an
+        indexed, bounded count of unread messages and of mentions of the account.
+        """
+
+    @abc.abstractmethod
+    async def join_room(self, owner: str, room: str) -> bool:
+        """Add a room to the owner's rooms, marked read up to its last message; False when
+        it is there already. Raises TooManyRooms."""
+
+    @abc.abstractmethod
+    async def leave_room(self, owner: str, room: str) -> bool:
+        """Remove a room from the owner's rooms; False when it was not there."""
+
+    @abc.abstractmethod
+    async def mark_read(self, owner: str, room: str, message_id: int) -> tuple[dict, bool] | None:
+        """Move the owner's marker forward to `message_id` (at most the room's last id): its
+        RoomState and whether it moved, or None when the room is not among the owner's rooms."""
+
+    @abc.abstractmethod
+    async def usernames(self, keys: list[str]) -> dict[str, str]:
+        """Lower-cased username -> canonical username, for those of `keys` that are accounts."""
 
     @abc.abstractmethod
     async def create_account(self, username: str, password_hash: str) -> bool:

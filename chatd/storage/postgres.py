@@ -18,8 +18,9 @@ from typing import AsyncIterator
 import asyncpg
 from yarl import URL
 
-from . import CLIENT_ID_SECONDS, HISTORY_COLUMNS, PRIMARY_KEYS, TABLES, Account, ChangeRefused, Storage, StorageError
-from . import deletion, message_dict
+from . import CLIENT_ID_SECONDS, COUNT_CAP, DEFAULT_ROOM, HISTORY_COLUMNS, MAX_ROOMS, PRIMARY_KEYS, TABLES
+from . import Account, ChangeRefused, Storage, StorageError, TooManyRooms
+from . import deletion, mention_rows, mentions_json, message_dict, room_state, stored_mentions
 from .group_commit import GroupCommit
 
 CONNECT_SECONDS = 5.0
@@ -50,13 +51,14 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX revoked_sessions_until ON revoked_sessions (until)",
     ],
     # 2: revisions, edits, deletions (tombstones) and client_ids. Old messages take
-    # their id as rev (one change each, in id order); an account's may be edited by it.
+    # their id as rev (one change each, in id order); an account's may be edited by it
+    # (author: its owner key, storage.owner_key).
     [
         "ALTER TABLE messages ADD COLUMN rev bigint NOT NULL DEFAULT 0",
         "ALTER TABLE messages ADD COLUMN edited double precision",
         "ALTER TABLE messages ADD COLUMN author text",
         "ALTER TABLE messages ADD COLUMN deleted boolean NOT NULL DEFAULT false",
-        "UPDATE messages SET rev = id, author = 'a:' || account WHERE true",
+        "UPDATE messages SET rev = id, author = 'a:' || lower(account) WHERE true",
         "CREATE UNIQUE INDEX messages_room_rev ON messages (room, rev)",
         "ALTER TABLE room_counters ADD COLUMN last_rev bigint NOT NULL DEFAULT 0",
         "UPDATE room_counters SET last_rev = last_id",
@@ -71,6 +73,24 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX client_ids_created ON client_ids (created)",
     ],
+    # 3: rooms that follow the person, read markers, mentions (issue 20). A message's
+    # `mentions` is a JSON list of usernames (NULL: none); `author` (2) is the owner key.
+    [
+        "ALTER TABLE messages ADD COLUMN mentions text",
+        "CREATE TABLE room_owners (owner text PRIMARY KEY)",
+        """CREATE TABLE memberships (
+            owner   text NOT NULL,
+            room    text NOT NULL,
+            read_id bigint NOT NULL,
+            PRIMARY KEY (owner, room)
+        )""",
+        """CREATE TABLE mentions (
+            account text NOT NULL,
+            room    text NOT NULL,
+            id      bigint NOT NULL,
+            PRIMARY KEY (account, room, id)
+        )""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -79,8 +99,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # messages numbered from them. The answer is each room's new last id and rev.
 INSERT_BATCH = """
 WITH batch AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::text[])
-        WITH ORDINALITY AS b(room, name, account, msg, ts, author, pos)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::text[], $7::text[])
+        WITH ORDINALITY AS b(room, name, account, msg, ts, author, mentions, pos)
 ), counts AS (
     SELECT room, count(*) AS n FROM batch GROUP BY room
 ), counters AS (
@@ -91,8 +111,17 @@ WITH batch AS (
     SELECT b.*, row_number() OVER (PARTITION BY b.room ORDER BY b.pos) - n.n AS k, c.last_id, c.last_rev
     FROM batch b JOIN counters c USING (room) JOIN counts n USING (room)
 ), stored AS (
-    INSERT INTO messages (room, id, name, account, msg, ts, rev, author)
-    SELECT room, last_id + k, name, account, msg, ts, last_rev + k, author FROM numbered
+    INSERT INTO messages (room, id, name, account, msg, ts, rev, author, mentions)
+    SELECT room, last_id + k, name, account, msg, ts, last_rev + k, author, mentions FROM numbered
+    RETURNING room, id, author, mentions
+), marked AS (  -- sending moves the sender's read marker to the message (never back)
+    UPDATE memberships m SET read_id = GREATEST(m.read_id, s.id)
+    FROM (SELECT author, room, max(id) AS id FROM stored WHERE author IS NOT NULL GROUP BY author, room) s
+    WHERE m.owner = s.author AND m.room = s.room
+), mentioned AS (  -- each account a message mentions, its author excepted
+    INSERT INTO mentions (account, room, id)
+    SELECT DISTINCT lower(j.name), s.room, s.id FROM stored s, json_array_elements_text(s.mentions::json) AS j(name)
+    WHERE s.mentions IS NOT NULL AND 'a:' || lower(j.name) IS DISTINCT FROM s.author
 )
 SELECT room, last_id, last_rev FROM counters
 """
@@ -130,7 +159,7 @@ def safe_url(url: str) -> str:
 def _message(row) -> dict:
     return message_dict(
         row["room"], row["id"], row["name"], row["account"], bytes(row["msg"]).decode("utf-8"), row["ts"],
-        row["rev"], row["edited"],
+        row["rev"], row["edited"], row["mentions"],
     )  # fmt: skip
 
 
@@ -143,6 +172,26 @@ def _client_key(message: dict) -> tuple[str, str, str] | None:
     if message.get("client_id") is None or message.get("author") is None:
         return None
     return (message["author"], message["room"], message["client_id"])
+
+
+# Every room of an owner (or one) with its RoomState: the unread and mention counts are
+# index range scans over (room, id) and (account, room, id) after the marker, each
+# stopped at COUNT_CAP rows; deleted messages do not count (and their mention rows are
+# erased). $1 owner, $2 the account key for mentions (NULL for guests).
+ROOM_STATES = f"""
+SELECT m.room, m.read_id, coalesce(c.last_id, 0),
+    (SELECT count(*) FROM (SELECT 1 FROM messages x
+        WHERE x.room = m.room AND x.id > m.read_id AND x.author IS DISTINCT FROM $1 AND NOT x.deleted LIMIT {COUNT_CAP}) u),
+    (SELECT count(*) FROM (SELECT 1 FROM mentions y
+        WHERE y.account = $2 AND y.room = m.room AND y.id > m.read_id LIMIT {COUNT_CAP}) v)
+FROM memberships m LEFT JOIN room_counters c ON c.room = m.room
+WHERE m.owner = $1 AND ($3::text IS NULL OR m.room = $3)
+ORDER BY m.room
+"""
+
+
+def _mention_key(owner: str) -> str | None:
+    return owner[2:] if owner.startswith("a:") else None
 
 
 class PostgresStorage(Storage):
@@ -280,6 +329,7 @@ class PostgresStorage(Storage):
             [m["msg"].encode("utf-8") for m in messages],
             [m["ts"] for m in messages],
             [m["author"] for m in messages],
+            [mentions_json(m.get("mentions")) for m in messages],
         )
 
     @staticmethod
@@ -293,18 +343,22 @@ class PostgresStorage(Storage):
         for m in messages:
             id_, rev = next_[m["room"]]
             next_[m["room"]] = [id_ + 1, rev + 1]
-            stored.append(message_dict(m["room"], id_, m["name"], m["account"], m["msg"], m["ts"], rev, None))
+            stored.append(
+                message_dict(m["room"], id_, m["name"], m["account"], m["msg"], m["ts"], rev, None, m.get("mentions"))
+            )
         return stored
 
-    async def _change(self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool) -> dict:
-        """An edit (`msg`) or a delete (`msg` None) in one transaction with the room's next rev.
+    async def _change(
+        self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool, mentions: list[str]
+    ) -> dict:
+        """An edit (`msg`, `mentions`) or a delete (`msg` None) in one transaction with the room's next rev.
 
         The message row is locked first, then the counter: a batch of new messages
         locks only the counter, so no two writers wait on each other in a circle.
         """
         async with self._connection() as conn, conn.transaction():
             row = await conn.fetchrow(
-                "SELECT author, deleted FROM messages WHERE room = $1 AND id = $2 FOR UPDATE", room, id_
+                "SELECT author, deleted, mentions FROM messages WHERE room = $1 AND id = $2 FOR UPDATE", room, id_
             )
             if row is None or row["deleted"]:
                 raise ChangeRefused("not_found")
@@ -313,18 +367,26 @@ class PostgresStorage(Storage):
             rev = await conn.fetchval(
                 "UPDATE room_counters SET last_rev = last_rev + 1 WHERE room = $1 RETURNING last_rev", room
             )
+            # The old mentions go from the index (an edit recomputes them, a delete erases them).
+            old = mention_rows(room, id_, row["author"], stored_mentions(row["mentions"]))
+            if old:
+                await conn.executemany("DELETE FROM mentions WHERE account = $1 AND room = $2 AND id = $3", old)
             if msg is None:
-                # The tombstone keeps only what `since` reports: no name, no text, no author.
+                # The tombstone keeps only what `since` reports: no name, no text, no author, no mentions.
                 await conn.execute(
                     "UPDATE messages SET name = '', account = NULL, msg = ''::bytea, edited = NULL, author = NULL, "
-                    "deleted = true, rev = $3 WHERE room = $1 AND id = $2",
+                    "mentions = NULL, deleted = true, rev = $3 WHERE room = $1 AND id = $2",
                     room, id_, rev,
                 )  # fmt: skip
                 return {"room": room, "id": id_, "rev": rev}
+            new = mention_rows(room, id_, row["author"], mentions)
+            if new:
+                await conn.executemany("INSERT INTO mentions (account, room, id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", new)
             return _message(
                 await conn.fetchrow(
-                    f"UPDATE messages SET msg = $3, edited = $4, rev = $5 WHERE room = $1 AND id = $2 RETURNING {HISTORY_COLUMNS}",
-                    room, id_, msg.encode("utf-8"), now, rev,
+                    "UPDATE messages SET msg = $3, edited = $4, rev = $5, mentions = $6 WHERE room = $1 AND id = $2 "
+                    f"RETURNING {HISTORY_COLUMNS}",
+                    room, id_, msg.encode("utf-8"), now, rev, mentions_json(mentions),
                 )
             )  # fmt: skip
 
@@ -343,6 +405,81 @@ class PostgresStorage(Storage):
         async with self._connection() as conn:
             status = await conn.execute("DELETE FROM client_ids WHERE created < $1", before)
         return int(status.split()[-1])
+
+    # -- rooms of a person, read markers -------------------------------------------
+
+    async def room_states(self, owner: str, room: str | None = None) -> list[dict]:
+        async with self._connection() as conn:
+            states = await self._room_states(conn, owner, room)
+            if not states and room is None:
+                async with conn.transaction():
+                    seeded = await self._seed(conn, owner)
+                if seeded:
+                    states = await self._room_states(conn, owner, None)
+        return states
+
+    @staticmethod
+    async def _room_states(conn: asyncpg.Connection, owner: str, room: str | None) -> list[dict]:
+        return [room_state(tuple(row)) for row in await conn.fetch(ROOM_STATES, owner, _mention_key(owner), room)]
+
+    @staticmethod
+    async def _seed(conn: asyncpg.Connection, owner: str) -> bool:
+        """An owner seen for the first time is in general; True if it was new. Then holds the
+        owner's row locked until the transaction ends: one change of its rooms at a time."""
+        new = await conn.fetchval(
+            "INSERT INTO room_owners (owner) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", owner
+        )
+        if new:
+            await PostgresStorage._add_membership(conn, owner, DEFAULT_ROOM)
+            return True
+        await conn.execute("SELECT 1 FROM room_owners WHERE owner = $1 FOR UPDATE", owner)
+        return False
+
+    @staticmethod
+    async def _add_membership(conn: asyncpg.Connection, owner: str, room: str) -> None:
+        # Marked read up to the room's last message: joining is not missing anything.
+        await conn.execute(
+            "INSERT INTO memberships (owner, room, read_id) "
+            "VALUES ($1, $2, coalesce((SELECT last_id FROM room_counters WHERE room = $2), 0))",
+            owner, room,
+        )  # fmt: skip
+
+    async def join_room(self, owner: str, room: str) -> bool:
+        async with self._connection() as conn, conn.transaction():
+            await self._seed(conn, owner)
+            count, present = await conn.fetchrow(
+                "SELECT count(*), count(*) FILTER (WHERE room = $2) FROM memberships WHERE owner = $1", owner, room
+            )
+            if present:
+                return False
+            if count >= MAX_ROOMS:
+                raise TooManyRooms()
+            await self._add_membership(conn, owner, room)
+            return True
+
+    async def leave_room(self, owner: str, room: str) -> bool:
+        async with self._connection() as conn, conn.transaction():
+            await self._seed(conn, owner)  # else a later handshake would put it back in general
+            status = await conn.execute("DELETE FROM memberships WHERE owner = $1 AND room = $2", owner, room)
+        return status != "DELETE 0"
+
+    async def mark_read(self, owner: str, room: str, message_id: int) -> dict | None:
+        async with self._connection() as conn:
+            status = await conn.execute(
+                "WITH target AS (SELECT LEAST($1, coalesce((SELECT last_id FROM room_counters WHERE room = $3), 0)) AS id) "
+                "UPDATE memberships SET read_id = target.id FROM target "
+                "WHERE owner = $2 AND room = $3 AND read_id < target.id",
+                message_id, owner, room,
+            )  # fmt: skip
+            states = await self._room_states(conn, owner, room)
+        return (states[0], status != "UPDATE 0") if states else None
+
+    async def usernames(self, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT username_key, username FROM accounts WHERE username_key = ANY($1)", keys)
+        return {row["username_key"]: row["username"] for row in rows}
 
     # -- accounts and sessions ----------------------------------------------------
 
@@ -396,7 +533,7 @@ class PostgresStorage(Storage):
 
     async def load(self, table: str, rows: list[tuple]) -> None:
         if table == "messages":  # SQLite's deleted is 0/1
-            rows = [(*r[:4], r[4].encode("utf-8"), *r[5:9], bool(r[9])) for r in rows]
+            rows = [(*r[:4], r[4].encode("utf-8"), *r[5:9], bool(r[9]), *r[10:]) for r in rows]
         async with self._connection() as conn:
             await conn.copy_records_to_table(table, records=rows, columns=list(TABLES[table]))
 

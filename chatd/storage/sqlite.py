@@ -20,16 +20,24 @@ import aiosqlite
 
 from . import (
     CLIENT_ID_SECONDS,
+    COUNT_CAP,
+    DEFAULT_ROOM,
     HISTORY_COLUMNS,
     MAX_ID,
+    MAX_ROOMS,
     PRIMARY_KEYS,
     TABLES,
     Account,
     ChangeRefused,
     Storage,
     StorageError,
+    TooManyRooms,
     deletion,
+    mention_rows,
+    mentions_json,
     message_dict,
+    room_state,
+    stored_mentions,
 )
 from .group_commit import GroupCommit
 
@@ -76,13 +84,14 @@ MIGRATIONS: list[list[str]] = [
         "INSERT INTO room_counters SELECT room, max(id) FROM messages GROUP BY room",
     ],
     # 3: revisions, edits, deletions (tombstones) and client_ids. Old messages take
-    # their id as rev (one change each, in id order); an account's may be edited by it.
+    # their id as rev (one change each, in id order); an account's may be edited by it
+    # (author: its owner key, storage.owner_key).
     [
         "ALTER TABLE messages ADD COLUMN rev INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE messages ADD COLUMN edited REAL",
         "ALTER TABLE messages ADD COLUMN author TEXT",
         "ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
-        "UPDATE messages SET rev = id, author = CASE WHEN account IS NULL THEN NULL ELSE 'a:' || account END",
+        "UPDATE messages SET rev = id, author = CASE WHEN account IS NULL THEN NULL ELSE 'a:' || lower(account) END",
         "CREATE UNIQUE INDEX messages_room_rev ON messages (room, rev)",
         "ALTER TABLE room_counters ADD COLUMN last_rev INTEGER NOT NULL DEFAULT 0",
         "UPDATE room_counters SET last_rev = last_id",
@@ -96,6 +105,24 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (author, room, client_id)
         ) WITHOUT ROWID""",
         "CREATE INDEX client_ids_created ON client_ids (created)",
+    ],
+    # 4: rooms that follow the person, read markers, mentions (issue 20). A message's
+    # `mentions` is a JSON list of usernames (NULL: none); `author` (3) is the owner key.
+    [
+        "ALTER TABLE messages ADD COLUMN mentions TEXT",
+        "CREATE TABLE room_owners (owner TEXT PRIMARY KEY) WITHOUT ROWID",
+        """CREATE TABLE memberships (
+            owner   TEXT NOT NULL,
+            room    TEXT NOT NULL,
+            read_id INTEGER NOT NULL,
+            PRIMARY KEY (owner, room)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE mentions (
+            account TEXT NOT NULL,
+            room    TEXT NOT NULL,
+            id      INTEGER NOT NULL,
+            PRIMARY KEY (account, room, id)
+        ) WITHOUT ROWID""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -147,12 +174,12 @@ def _unlock_data_dir(directory: Path) -> None:
 
 
 def _message(row: sqlite3.Row | tuple) -> dict:
-    return message_dict(*row[:8])
+    return message_dict(*row[:9])
 
 
 def _history_change(row: sqlite3.Row | tuple) -> dict:
     """A row of `history` `since`: a Message, or a deletion."""
-    return deletion(row[0], row[1], row[6]) if row[8] else message_dict(*row[:8])
+    return deletion(row[0], row[1], row[6]) if row[9] else message_dict(*row[:9])
 
 
 # Both connections (the writer thread's and aiosqlite's) set these.
@@ -161,6 +188,26 @@ CONNECTION_PRAGMAS = (
     "PRAGMA synchronous=FULL",  # a commit is on disk before its change is acked
     "PRAGMA secure_delete=ON",  # an erased message's bytes are overwritten, not left in free pages
 )
+
+
+# Every room of an owner (or one) with its RoomState: the unread and mention counts are
+# index range scans over (room, id) and (account, room, id) after the marker, each
+# stopped at COUNT_CAP rows; deleted messages do not count. ?1 owner, ?2 the account
+# key for mentions (NULL for guests). A deletion erases its mention rows.
+ROOM_STATES = f"""
+SELECT m.room, m.read_id, coalesce(c.last_id, 0),
+    (SELECT count(*) FROM (SELECT 1 FROM messages x
+        WHERE x.room = m.room AND x.id > m.read_id AND x.author IS NOT ?1 AND NOT x.deleted LIMIT {COUNT_CAP})),
+    (SELECT count(*) FROM (SELECT 1 FROM mentions y
+        WHERE y.account = ?2 AND y.room = m.room AND y.id > m.read_id LIMIT {COUNT_CAP}))
+FROM memberships m LEFT JOIN room_counters c ON c.room = m.room
+WHERE m.owner = ?1 AND (?3 IS NULL OR m.room = ?3)
+ORDER BY m.room
+"""
+
+
+def _mention_key(owner: str) -> str | None:
+    return owner[2:] if owner.startswith("a:") else None
 
 
 class _MessageWriter:
@@ -253,6 +300,7 @@ class _MessageWriter:
                 next_id[room], next_rev[room] = last_id - count + 1, last_rev - count + 1
             answers: list = []
             rows = []
+            mentioned: list[tuple[str, str, int]] = []  # rows of the mentions index
             for pos, message in enumerate(messages):
                 if pos in repeats:
                     answers.append(None)
@@ -261,12 +309,21 @@ class _MessageWriter:
                 id_, rev = next_id[room], next_rev[room]
                 next_id[room], next_rev[room] = id_ + 1, rev + 1
                 name, account, msg, ts = message["name"], message["account"], message["msg"], message["ts"]
-                answers.append(message_dict(room, id_, name, account, msg, ts, rev, None))
-                rows.append((room, id_, name, account, msg, ts, rev, message["author"]))
+                answers.append(message_dict(room, id_, name, account, msg, ts, rev, None, message.get("mentions")))
+                mentions = message.get("mentions") or []
+                rows.append((room, id_, name, account, msg, ts, rev, message["author"], mentions_json(mentions)))
+                mentioned += mention_rows(room, id_, message["author"], mentions)
             conn.executemany(
-                "INSERT INTO messages (room, id, name, account, msg, ts, rev, author) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (room, id, name, account, msg, ts, rev, author, mentions) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            # Sending moves the sender's read marker to the message (never back).
+            conn.executemany(
+                "UPDATE memberships SET read_id = max(read_id, ?) WHERE owner = ? AND room = ?",
+                [(r[1], r[7], r[0]) for r in rows if r[7] is not None],
+            )
+            conn.executemany("INSERT OR IGNORE INTO mentions (account, room, id) VALUES (?, ?, ?)", mentioned)
             if firsts:  # an expired key of the same name is replaced
                 conn.executemany(
                     "INSERT OR REPLACE INTO client_ids (author, room, client_id, id, rev, created) VALUES (?, ?, ?, ?, ?, ?)",
@@ -281,15 +338,17 @@ class _MessageWriter:
             answers[pos] = first if isinstance(first, dict) else _duplicate(answers[first])
         return answers
 
-    def _change(self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool) -> dict:
-        """An edit (`msg`) or a delete (`msg` None) in one transaction with the room's next rev."""
+    def _change(
+        self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool, mentions: list[str]
+    ) -> dict:
+        """An edit (`msg`, `mentions`) or a delete (`msg` None) in one transaction with the room's next rev."""
         conn = self._conn
         if conn is None:
             raise StorageError("storage is not open")
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute(
-                "SELECT author, deleted FROM messages WHERE room = ? AND id = ?", (room, id_)
+                "SELECT author, deleted, mentions FROM messages WHERE room = ? AND id = ?", (room, id_)
             ).fetchone()
             if row is None or row[1]:
                 raise ChangeRefused("not_found")
@@ -298,21 +357,30 @@ class _MessageWriter:
             (rev,) = conn.execute(
                 "UPDATE room_counters SET last_rev = last_rev + 1 WHERE room = ? RETURNING last_rev", (room,)
             ).fetchone()
+            # The old mentions go from the index (an edit recomputes them, a delete erases them).
+            conn.executemany(
+                "DELETE FROM mentions WHERE account = ? AND room = ? AND id = ?",
+                mention_rows(room, id_, row[0], stored_mentions(row[2])),
+            )
             if msg is None:
-                # The tombstone keeps only what `since` reports: no name, no text, no author.
+                # The tombstone keeps only what `since` reports: no name, no text, no author, no mentions.
                 conn.execute(
                     "UPDATE messages SET name = '', account = NULL, msg = '', edited = NULL, author = NULL, "
-                    "deleted = 1, rev = ? WHERE room = ? AND id = ?",
+                    "mentions = NULL, deleted = 1, rev = ? WHERE room = ? AND id = ?",
                     (rev, room, id_),
                 )
                 answer = {"room": room, "id": id_, "rev": rev}
             else:
                 answer = _message(
                     conn.execute(
-                        "UPDATE messages SET msg = ?, edited = ?, rev = ? WHERE room = ? AND id = ? "
+                        "UPDATE messages SET msg = ?, edited = ?, rev = ?, mentions = ? WHERE room = ? AND id = ? "
                         f"RETURNING {HISTORY_COLUMNS}",
-                        (msg, now, rev, room, id_),
+                        (msg, now, rev, mentions_json(mentions), room, id_),
                     ).fetchone()
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO mentions (account, room, id) VALUES (?, ?, ?)",
+                    mention_rows(room, id_, row[0], mentions),
                 )
             conn.execute("COMMIT")
         except BaseException:
@@ -466,6 +534,95 @@ class SqliteStorage(Storage):
         async with self._turn:
             cur = await self.db.execute("DELETE FROM client_ids WHERE created < ?", (before,))
             return cur.rowcount
+
+    # -- rooms of a person, read markers -------------------------------------------
+
+    async def room_states(self, owner: str, room: str | None = None) -> list[dict]:
+        async with self._turn:
+            states = await self._room_states(owner, room)
+            if not states and room is None and await self._write(self._seed, owner):
+                states = await self._room_states(owner, None)
+        return states
+
+    async def _room_states(self, owner: str, room: str | None) -> list[dict]:
+        async with self.db.execute(ROOM_STATES, (owner, _mention_key(owner), room)) as cur:
+            return [room_state(row) for row in await cur.fetchall()]
+
+    async def _seed(self, owner: str) -> bool:
+        """An owner seen for the first time is in general; True if it was new."""
+        cur = await self.db.execute("INSERT OR IGNORE INTO room_owners (owner) VALUES (?)", (owner,))
+        if cur.rowcount == 0:
+            return False
+        await self._add_membership(owner, DEFAULT_ROOM)
+        return True
+
+    async def _add_membership(self, owner: str, room: str) -> None:
+        # Marked read up to the room's last message: joining is not missing anything.
+        await self.db.execute(
+            "INSERT INTO memberships (owner, room, read_id) "
+            "VALUES (?1, ?2, coalesce((SELECT last_id FROM room_counters WHERE room = ?2), 0))",
+            (owner, room),
+        )
+
+    async def _write(self, fn, *args):
+        """`fn` in one write transaction of the shared connection (the caller has the turn)."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            result = await fn(*args)
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return result
+
+    async def join_room(self, owner: str, room: str) -> bool:
+        async def join() -> bool:
+            await self._seed(owner)
+            async with self.db.execute(
+                "SELECT count(*), count(*) FILTER (WHERE room = ?) FROM memberships WHERE owner = ?", (room, owner)
+            ) as cur:
+                count, present = await cur.fetchone()
+            if present:
+                return False
+            if count >= MAX_ROOMS:
+                raise TooManyRooms()
+            await self._add_membership(owner, room)
+            return True
+
+        async with self._turn:
+            return await self._write(join)
+
+    async def leave_room(self, owner: str, room: str) -> bool:
+        async def leave() -> bool:
+            await self._seed(owner)  # else a later handshake would put it back in general
+            cur = await self.db.execute("DELETE FROM memberships WHERE owner = ? AND room = ?", (owner, room))
+            return cur.rowcount > 0
+
+        async with self._turn:
+            return await self._write(leave)
+
+    async def mark_read(self, owner: str, room: str, message_id: int) -> dict | None:
+        async with self._turn:
+            cur = await self.db.execute(
+                "UPDATE memberships SET read_id = ?4 WHERE owner = ?2 AND room = ?3 AND read_id < ?4",
+                (message_id, owner, room, await self._clamped(room, message_id)),
+            )
+            states = await self._room_states(owner, room)
+        return (states[0], cur.rowcount > 0) if states else None
+
+    async def _clamped(self, room: str, message_id: int) -> int:
+        async with self.db.execute("SELECT last_id FROM room_counters WHERE room = ?", (room,)) as cur:
+            row = await cur.fetchone()
+        return min(message_id, row[0] if row else 0)
+
+    async def usernames(self, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        marks = ", ".join("?" * len(keys))
+        async with self._turn, self.db.execute(
+            f"SELECT username_key, username FROM accounts WHERE username_key IN ({marks})", keys
+        ) as cur:
+            return dict(await cur.fetchall())
 
     # -- accounts and sessions ----------------------------------------------------
 

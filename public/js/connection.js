@@ -51,6 +51,13 @@ export class Connection {
     globalThis.addEventListener("online", this.onOnline);
   }
 
+  /** Listen to another server event (only while this connection is the page's). */
+  on(event, handler) {
+    this.socket.on(event, (...args) => {
+      if (!this.closed) handler(...args);
+    });
+  }
+
   /** While socket.io-client waits to reconnect, reconnect at once (and start its backoff afresh). */
   retryNow() {
     if (this.closed || this.socket.connected || !this.socket.active) return;

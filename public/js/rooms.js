@@ -11,7 +11,10 @@ export class Room {
     this.messages = []; // sorted by id
     this.ids = new Set();
     this.online = new OnlineList();
-    this.unread = 0;
+    this.onlineCount = 0; // how many are online in all (the list holds the first 500)
+    this.unread = 0; // the server's count (RoomState), kept up by `new chat`s meanwhile
+    this.mentions = 0;
+    this.readId = 0; // the read marker, as far as this page knows
     this.hasOlder = true; // false once the start of the room's history is loaded
     this.maxRev = null; // the highest revision seen: where `history` `since` catches up from
   }
@@ -93,17 +96,23 @@ export class Room {
   }
 }
 
-/** The rooms this page wants to be in, in the order they were joined. */
+/** The session's rooms, as the server keeps them (welcome, `joined`, `left`), sorted by name. */
 export class Rooms {
-  static #storageKey = "chatd.rooms";
+  static #storageKey = "chatd.room"; // the room this tab shows, across a reload
 
   constructor() {
     this.byName = new Map();
     this.current = null;
-    // Per tab, so that a reload keeps its rooms but a new tab starts in general.
-    const saved = JSON.parse(sessionStorage.getItem(Rooms.#storageKey) || '["general"]');
-    for (const name of saved) this.add(name);
-    this.current = this.byName.keys().next().value ?? null;
+    this.wanted = sessionStorage.getItem(Rooms.#storageKey);
+  }
+
+  /** Become exactly the server's list of rooms; keeps what is held of those that stay. */
+  sync(names) {
+    for (const name of [...this.byName.keys()]) if (!names.includes(name)) this.remove(name);
+    for (const name of names) this.add(name);
+    if (!this.has(this.current)) {
+      this.current = this.has(this.wanted) ? this.wanted : this.has("general") ? "general" : (names[0] ?? null);
+    }
   }
 
   get(name) {
@@ -125,7 +134,8 @@ export class Rooms {
   add(name) {
     if (!this.byName.has(name)) {
       this.byName.set(name, new Room(name));
-      this.#save();
+      // Sorted by name, as the server lists them.
+      this.byName = new Map([...this.byName].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
     }
     return this.byName.get(name);
   }
@@ -139,15 +149,11 @@ export class Rooms {
       const rest = names.filter((n) => n !== name);
       this.current = rest[Math.min(index, rest.length - 1)] ?? null;
     }
-    this.#save();
   }
 
   select(name) {
     this.current = name;
-    this.get(name).unread = 0;
-  }
-
-  #save() {
-    sessionStorage.setItem(Rooms.#storageKey, JSON.stringify([...this.byName.keys()]));
+    this.wanted = name;
+    sessionStorage.setItem(Rooms.#storageKey, name);
   }
 }

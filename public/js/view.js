@@ -8,7 +8,7 @@ export const el = Object.fromEntries(
     "status", "status-line", "me-name", "me-kind", "auth-form", "auth-error", "signed-in", "account-name",
     "logout", "username", "password", "room-list", "join-form", "join-room", "online-heading",
     "online-list", "room-title", "leave", "log", "older", "messages", "notice", "send-form", "message",
-    "announcer", "menu-toggle", "menu-unread", "sidebar",
+    "announcer", "menu-toggle", "menu-unread", "sidebar", "typing", "notify",
   ].map((id) => [id.replace(/-(\w)/g, (_, c) => c.toUpperCase()), byId(id)]),
 );
 
@@ -67,8 +67,13 @@ export function renderRooms(rooms, onSelect) {
     const hash = make("span", "hash", "#");
     hash.setAttribute("aria-hidden", "true"); // read "side", not "number sign side"
     button.append(hash, make("span", "room-name", room.name));
+    if (room.mentions) {
+      const badge = make("span", "badge mention", `@${room.mentions}`);
+      badge.append(make("span", "visually-hidden", room.mentions === 1 ? " mention" : " mentions"));
+      button.append(badge);
+    }
     if (room.unread) {
-      const badge = make("span", "badge", String(room.unread));
+      const badge = make("span", "badge", room.unread >= 1000 ? "999+" : String(room.unread));
       badge.append(make("span", "visually-hidden", " unread"));
       button.append(badge);
     }
@@ -94,10 +99,11 @@ export const ONLINE_SHOWN = 200;
 
 export function renderOnline(room, me) {
   const online = room?.online;
-  const count = online?.size ?? 0;
+  // The server's count: the list it sends stops at the first 500.
+  const count = Math.max(room?.onlineCount ?? 0, online?.size ?? 0);
   el.onlineHeading.textContent = room ? `Online in #${room.name} (${count})` : "Online";
   const items = (online?.first(ONLINE_SHOWN) ?? []).map((member) => memberItem(member, online, me));
-  if (count > ONLINE_SHOWN) items.push(make("li", "member more", `and ${count - ONLINE_SHOWN} more`));
+  if (count > items.length) items.push(make("li", "member more", `and ${count - items.length} more`));
   el.onlineList.replaceChildren(...items);
 }
 
@@ -144,6 +150,10 @@ function messageNode(message, me) {
   meta.append(author, " ", time);
   if (message.edited) meta.append(" ", make("span", "edited", "(edited)"));
   item = make("li", isMine(message, me) ? "message mine" : "message");
+  const account = me?.account?.toLowerCase();
+  if (account && (message.mentions ?? []).some((name) => name.toLowerCase() === account)) {
+    item.classList.add("mentions-me"); // highlighted: it names the reader
+  }
   item.dataset.id = message.id;
   item.append(meta, make("p", "text", message.msg));
   if (isMine(message, me)) item.append(messageActions());
