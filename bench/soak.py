@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/soak.py [--minutes 30] [--out soak-results]    (or `make soak`)
 
-Starts `python -m chatd` (SQLite in a temp dir, `--metrics`, chat limit off)
+Starts `python -m chatd` (SQLite in a temp dir, `--metrics`, chat and new-identity limits off)
 pinned to CPU 0 with taskset, and runs the load in this process, pinned to CPU
 1, all on 127.0.0.1:
 
@@ -381,7 +381,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="chatd-soak-") as tmp:
         log = open(Path(tmp) / "chatd.log", "w")
         argv = [sys.executable, "-m", "chatd", "--port", str(port), "--data-dir", str(Path(tmp) / "data"),
-                "--chat-rate", "0", "--metrics", "--log-level", "warning"]  # fmt: skip
+                "--chat-rate", "0", "--guest-rate", "0", "--metrics", "--log-level", "warning"]  # fmt: skip
         server = subprocess.Popen(pinned(SERVER_CPU, argv), cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             if "serving on" not in server.stdout.readline():
