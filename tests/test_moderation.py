@@ -307,3 +307,17 @@ async def test_python_m_chatd_audit_prints_the_actions_newest_first(chat, data_d
     assert await asyncio.to_thread(audit, "--limit", "2") == [
         ["alice", "topic", "-", "other"], ["alice", "topic", "-", "den"]
     ]  # fmt: skip
+
+
+# -- --operator --------------------------------------------------------------------------------
+
+
+def test_operators_come_from_repeated_flags_or_a_comma_separated_variable():
+    from chatd.config import ConfigError, config_from_args
+
+    assert config_from_args(["--operator", "Ada", "--operator", "grace"], environ={}).operators == ("ada", "grace")
+    assert config_from_args([], environ={"CHATD_OPERATOR": "ada, Bob.b"}).operators == ("ada", "bob.b")
+    assert config_from_args(["--operator", "x_y"], environ={"CHATD_OPERATOR": "ada"}).operators == ("x_y",)
+    assert config_from_args([], environ={}).operators == ()
+    with pytest.raises(ConfigError, match="--operator"):
+        config_from_args(["--operator", "no spaces"], environ={})

@@ -182,9 +182,11 @@ export function forgetMessageNodes() {
 
 /** Show a room: its title, all its messages (scrolled to the newest), its online list. */
 export function renderRoom(room, me) {
-  el.roomTitle.textContent = room ? `#${room.name}` : "No room";
+  // A direct room (`@alice+bob`) is shown by its name; a public one as #name.
+  const shown = room && (room.name.startsWith("@") ? room.name : `#${room.name}`);
+  el.roomTitle.textContent = room ? shown : "No room";
   el.leave.hidden = !room;
-  el.message.placeholder = room ? `Message #${room.name}` : "Join a room to chat";
+  el.message.placeholder = room ? `Message ${shown}` : "Join a room to chat";
   el.messages.classList.toggle("no-room", !room);
   el.messages.replaceChildren(
     ...(room
