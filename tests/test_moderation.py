@@ -321,3 +321,19 @@ def test_operators_come_from_repeated_flags_or_a_comma_separated_variable():
     assert config_from_args([], environ={}).operators == ()
     with pytest.raises(ConfigError, match="--operator"):
         config_from_args(["--operator", "no spaces"], environ={})
+
+
+async def test_odd_payloads_get_an_error_code_and_never_an_internal_error(chat):
+    _, alice, _ = await chat.account("alice")
+    await ok(alice, "join", {"room": "den"})
+    odd = [None, [], "den", 5, {}, {"room": None}, {"room": 5}, {"room": "den", "member": ""},
+           {"room": "den", "username": "", "seconds": 1, "on": 1}, {"room": "@alice+bob", "topic": "x"},
+           {"room": "den", "member": "a" * 65, "on": False}, {"room": "den", "username": "alice\x00", "on": True},
+           {"room": "den", "topic": "\ud800", "query": "\ud800"}, {"query": 5}, {"query": "%_", "limit": 0}]  # fmt: skip
+    for event in ("rooms", "topic", "moderator", "mute", "kick", "ban"):
+        for payload in odd:
+            ack = await alice.call(event, payload)
+            assert ack["ok"] is True or ack["error"] in {
+                "invalid_request", "invalid_room", "not_found", "forbidden", "not_in_room"
+            }, (event, payload, ack)  # fmt: skip
+    assert (await alice.call("send chat", {"room": "den", "msg": "still fine"}))["ok"] is True
