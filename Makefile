@@ -5,21 +5,39 @@ PY := $(VENV)/bin/python
 VENDOR := public/vendor
 SIO_CLIENT := node_modules/socket.io-client
 
-.PHONY: run test bench bench-rooms install vendor dist system-deps cluster clean
+.PHONY: run test test-fast bench bench-rooms soak install vendor dist system-deps cluster clean
 
 run: install
 	$(PY) -m chatd
 
-# The whole suite, then the socket and HTTP tests again with chatd on PostgreSQL (a
-# throwaway server; see tests/pg_service.py). The second pass leaves out the browser
-# tests, the storage suite (it covers both backends itself) and the process tests
-# (command line and SQLite data dir).
-PG_PASS_IGNORE := --ignore=tests/test_browser.py --ignore=tests/test_browser_rooms.py --ignore=tests/test_storage.py \
-	--ignore=tests/test_process.py
+# The whole suite on SQLite, then the tests marked `storage` again with chatd on
+# PostgreSQL (CHATD_TEST_BACKEND=postgres; a throwaway server, tests/pg_service.py).
+# Tests marked `postgres` start or use a PostgreSQL of their own whatever the backend
+# (tests/test_storage.py covers both backends, the cluster tests run on it), so the
+# second pass leaves them out. Markers: setup.cfg [tool:pytest].
+# XDIST: two pytest-xdist workers (a 2-core machine), each with its own throwaway
+# servers; a module that starts a module-wide server (a cluster, a built wheel) runs whole
+# on one worker (tests/conftest.py). Tests marked `serial` measure timing and run
+# afterwards, alone.
+# With PYTEST_ARGS (e.g. one file), a pass that finds nothing in that selection (pytest's
+# exit status 5) is no failure; without, every pass must find tests.
+XDIST ?= -n 2
+PYTEST := $(PY) -m pytest
+NONE_SELECTED_IS_OK = $(if $(strip $(PYTEST_ARGS)),|| [ $$? -eq 5 ])
 
 test: install system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
-	CHATD_TEST_BACKEND=postgres $(PY) -m pytest $(PG_PASS_IGNORE) $(PYTEST_ARGS)
+	$(PYTEST) $(XDIST) -m "not serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	$(PYTEST) -m serial $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	CHATD_TEST_BACKEND=postgres $(PYTEST) $(XDIST) -m "storage and not postgres and not serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	CHATD_TEST_BACKEND=postgres $(PYTEST) -m "storage and not postgres and serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+
+# The edit-test loop, in about half a minute: no Chromium, PostgreSQL, cluster (Redis,
+# nginx, several chatd processes) or wheel/.pyz build. `make test` (and CI) runs those too.
+LIGHT := not browser and not postgres and not cluster and not dist
+
+test-fast: install
+	$(PYTEST) $(XDIST) -m "$(LIGHT) and not serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
+	$(PYTEST) -m "$(LIGHT) and serial" $(PYTEST_ARGS) $(NONE_SELECTED_IS_OK)
 
 # Two chatd processes, a throwaway Redis and nginx on loopback; Ctrl-C stops them all.
 cluster: install
@@ -29,6 +47,15 @@ cluster: install
 BENCH_ARGS ?=
 bench: install bench/loadgen/node_modules/.installed bench/node-peer/node_modules/.installed
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Half an hour of churn with nothing allowed to grow (bench/soak.py; docs/performance.md "Soak").
+SOAK_ARGS ?=
+soak: install $(VENV)/.bench-installed
+	$(PY) bench/soak.py $(SOAK_ARGS)
+
+$(VENV)/.bench-installed: setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 # A session in 50 rooms: server CPU per handshake against one in general only (bench/rooms50.py).
 bench-rooms: install

@@ -112,7 +112,8 @@ def main() -> int:
             for round_ in range(1, args.rounds + 1):
                 for setup, count in (("one process", 1), ("two processes + Redis", 2)):
                     database_url = create_database(postgres.url, f"bench_{round_}_{count}")
-                    flags = ["--database-url", database_url, "--chat-rate", "0", "--log-level", "warning"]
+                    flags = ["--database-url", database_url, "--chat-rate", "0", "--guest-rate", "0",
+                             "--log-level", "warning"]
                     if count == 2:
                         flags += ["--redis-url", redis.url]
                     processes = [

@@ -28,12 +28,11 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
-    "chatd as shipped (uvloop, orjson, gc.freeze, async_handlers=False)": [],
+    "chatd as shipped (uvloop, orjson, gc.freeze)": [],
     "  without uvloop": ["--asyncio"],
     "  without orjson": ["--stdlib-json"],
     "  without gc.freeze": ["--no-gc-freeze"],
-    "  with async_handlers=True": ["--async-handlers"],
-    "library defaults (none of the four)": ["--asyncio", "--stdlib-json", "--no-gc-freeze", "--async-handlers"],
+    "library defaults (none of the three)": ["--asyncio", "--stdlib-json", "--no-gc-freeze"],
 }
 
 
@@ -47,8 +46,9 @@ async def handshake(http: aiohttp.ClientSession, url: str, cookie: str) -> None:
     async with http.ws_connect(url, headers={"Cookie": f"chatd_session={cookie}"}) as ws:
         assert (await ws.receive_str()).startswith("0{")
         await ws.send_str("40")
-        while not (await ws.receive_str()).startswith("40"):
-            pass  # `welcome` comes just before the CONNECT answer
+        assert (await ws.receive_str()).startswith("40")  # the CONNECT answer…
+        while not (await ws.receive_str()).startswith('42["welcome"'):
+            pass  # …then `welcome`
 
 
 def cpu_seconds(pid: int) -> float:

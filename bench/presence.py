@@ -34,6 +34,7 @@ first tenth, because one tenth lasts about a second on a shared machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench" / "loadgen" / "loadgen.js"
@@ -88,23 +90,28 @@ def print_run(number: int, result: dict) -> float:
     return last / first
 
 
-def run_once(args: argparse.Namespace, extra: list[str]) -> dict:
-    """A fresh chatd (new process, empty data directory) filled once."""
+@contextlib.contextmanager
+def serving(*options: str) -> Iterator[tuple[str, int]]:
+    """A fresh chatd (new process, empty data directory) on SERVER_CPU: its URL and pid."""
     with tempfile.TemporaryDirectory() as data_dir:
         port = free_port()
         server = subprocess.Popen(
             ["taskset", "-c", str(SERVER_CPU), sys.executable, "-m", "chatd", "--port", str(port),
-             "--data-dir", data_dir, "--log-level", "warning", *extra],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+             "--data-dir", data_dir, "--log-level", "warning", *options],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
         try:
             assert "serving on" in server.stdout.readline()
-            return fill(f"http://127.0.0.1:{port}", args, server.pid)
+            yield f"http://127.0.0.1:{port}", server.pid
         finally:
             server.terminate()
             server.wait()
+
+
+def run_once(args: argparse.Namespace, extra: list[str]) -> dict:
+    """A fresh chatd filled once."""
+    with serving("--guest-rate", "0", *extra) as (url, pid):
+        return fill(url, args, pid)
 
 
 def main() -> None:

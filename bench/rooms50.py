@@ -24,17 +24,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import aiohttp
 
-from presence import cpu_seconds, free_port  # bench/presence.py, beside this file
+from presence import cpu_seconds, serving  # bench/presence.py, beside this file
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVER_CPU, CLIENT_CPU = 0, 1
 PASSWORD = "correct horse"
 ROOMS = ["general"] + [f"room-{i:02d}" for i in range(1, 50)]
@@ -158,19 +153,8 @@ async def measure(base: str, pid: int, handshakes: int) -> dict:
 
 
 def run_once(handshakes: int) -> dict:
-    with tempfile.TemporaryDirectory() as data_dir:
-        port = free_port()
-        server = subprocess.Popen(
-            ["taskset", "-c", str(SERVER_CPU), sys.executable, "-m", "chatd", "--port", str(port),
-             "--data-dir", data_dir, "--log-level", "warning", "--chat-rate", "0"],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            assert "serving on" in server.stdout.readline()
-            return asyncio.run(measure(f"http://127.0.0.1:{port}", server.pid, handshakes))
-        finally:
-            server.terminate()
-            server.wait()
+    with serving("--chat-rate", "0") as (url, pid):
+        return asyncio.run(measure(url, pid, handshakes))
 
 
 def main() -> None:

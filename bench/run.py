@@ -58,6 +58,7 @@ SCENARIOS = [
     Scenario("memory-1000", ["memory", "--sockets", "1000", "--settle", "2"]),
     Scenario("memory-2000", ["memory", "--sockets", "2000", "--settle", "2"]),
     Scenario("durable", ["durable", "--sockets", "20", "--seconds", "4"], servers=("chatd",)),
+    Scenario("durable-client-id", ["durable", "--sockets", "20", "--seconds", "4", "--client-ids"], servers=("chatd",)),
 ]
 
 # (label, scenario, value from a result, how it is shown, True when higher is better)
@@ -85,6 +86,7 @@ ROWS = [
     ("bytes per idle socket, 1,000 sockets", "memory-1000", "bytes_per_socket", False),
     ("bytes per idle socket, 2,000 sockets", "memory-2000", "bytes_per_socket", False),
     ("messages/s stored and acked, fsync on, 20 senders", "durable", "stored_per_s", True),
+    ("  the same, every send with a client_id", "durable-client-id", "stored_per_s", True),
 ]
 
 
@@ -107,7 +109,7 @@ class Server:
         self.data_dir = tempfile.mkdtemp(prefix="chatd-bench-")
         if kind == "chatd":
             argv = [str(CHATD_PYTHON), "-m", "chatd", "--port", str(self.port), "--data-dir", self.data_dir,
-                    "--chat-rate", "0"]
+                    "--chat-rate", "0", "--guest-rate", "0"]  # the load generator's guests all come from one address
         else:
             argv = ["node", str(NODE_PEER), str(self.port)]
         self.log = open(Path(self.data_dir) / "server.log", "w+")

@@ -1,9 +1,9 @@
 """Serve chatd with parts of its tuning switched off, for `bench/handshakes.py`.
 
-    python bench/serve_variant.py PORT DATA_DIR [--stdlib-json] [--asyncio] [--no-gc-freeze] [--async-handlers]
+    python bench/serve_variant.py PORT DATA_DIR [--stdlib-json] [--asyncio] [--no-gc-freeze]
 
 Not a way to run chatd: it exists so the benchmark can compare each tuning
-choice (uvloop, orjson, gc.freeze, async_handlers=False) against the library
+choice (uvloop, orjson, gc.freeze) against the library
 default on the same code.
 """
 
@@ -23,13 +23,12 @@ from chatd.web import REALTIME, STORAGE, create_app
 
 
 async def serve(port: int, data_dir: Path, flags: set[str]) -> None:
-    config = Config(port=port, data_dir=data_dir, secret_keys=load_secret_keys(data_dir))
+    # --guest-rate 0: every benchmark guest comes from 127.0.0.1.
+    config = Config(port=port, data_dir=data_dir, guest_rate=0.0, secret_keys=load_secret_keys(data_dir))
     app = create_app(config)
     sio = app[REALTIME].sio
     if "--stdlib-json" in flags:
         sio.packet_class.json = json
-    if "--async-handlers" in flags:
-        sio.async_handlers = True
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     # A realistic `welcome`: a full page of history to serialise on every handshake.

@@ -75,7 +75,7 @@ async def fresh_database(admin_url: str, name: str) -> str:
 def _columns(batch: list[dict]) -> tuple:
     return (
         [m["room"] for m in batch], [m["name"] for m in batch], [m["account"] for m in batch],
-        [m["msg"].encode() for m in batch], [m["ts"] for m in batch],
+        [m["msg"].encode() for m in batch], [m["ts"] for m in batch], [m.get("author") for m in batch],
     )  # fmt: skip
 
 
@@ -96,7 +96,7 @@ async def bench_asyncpg_per_message(url: str, messages: int, writers: int) -> fl
 
 
 PSYCOPG_SQL = INSERT_BATCH.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s").replace("$4", "%s")
-PSYCOPG_SQL = PSYCOPG_SQL.replace("$5", "%s")
+PSYCOPG_SQL = PSYCOPG_SQL.replace("$5", "%s").replace("$6", "%s")
 
 
 async def _psycopg_pool(url: str):

@@ -25,6 +25,19 @@ access_log = logging.getLogger("chatd.access")
 
 SHUTDOWN_SECONDS = 3.0  # SPEC: exit within 5 s of SIGTERM/SIGINT
 GC_THRESHOLDS = (10_000, 10, 10)  # Python's default is (700, 10, 10)
+# How long a connection may take to send a request's head, counted from when it
+# opens or its last answer ends (aiohttp's keep-alive timer, which it also starts
+# on a new connection; its own default is an hour, so a head sent a byte at a
+# time would hold a connection that long). Also how long an idle keep-alive
+# connection stays open. CHATD_HEAD_TIMEOUT (seconds) changes it, for tests.
+HEAD_TIMEOUT_SECONDS = 20.0
+
+
+def head_timeout() -> float:
+    try:
+        return float(os.environ.get("CHATD_HEAD_TIMEOUT", HEAD_TIMEOUT_SECONDS))
+    except ValueError:
+        return HEAD_TIMEOUT_SECONDS
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
@@ -118,7 +131,13 @@ async def serve(config: Config) -> None:
     from .web import create_app  # after the version check: it imports the libraries chatd/sio patches
 
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS, access_log=access_log)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_SECONDS,
+        access_log=access_log,
+        keepalive_timeout=head_timeout(),
+    )
     await runner.setup()
     # Before the "serving on" line: a SIGTERM sent as soon as it appears must stop cleanly.
     stop = asyncio.Event()

@@ -40,6 +40,8 @@ class Config:
     redis_url: str | None = None  # None: one process, everything in memory
     chat_burst: int = 20
     chat_rate: float = 5.0  # messages per second; 0 switches the chat limit off
+    guest_burst: int = 60  # new identities (guest sessions, accounts) one client address may make at once
+    guest_rate: float = 0.2  # per second; 0 switches the limit on new identities off
     trusted_proxies: tuple[str, ...] = ()  # IP addresses or CIDR networks
     metrics: bool = False
     operators: tuple[str, ...] = ()  # lower-cased usernames of accounts that moderate every room
@@ -172,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages per second a session's burst refills at; 0 switches the chat limit off (CHATD_CHAT_RATE; default 5)",
     )
     parser.add_argument(
+        "--guest-burst",
+        metavar="N",
+        help="new guest sessions and accounts one client address may make at once (CHATD_GUEST_BURST; default 60)",
+    )
+    parser.add_argument(
+        "--guest-rate",
+        metavar="R",
+        help=(
+            "per second, the refill of each address's new-identity burst; 0 switches that limit off "
+            "(CHATD_GUEST_RATE; default 0.2)"
+        ),
+    )
+    parser.add_argument(
         "--trusted-proxy",
         action="append",
         metavar="ADDR",
@@ -230,6 +245,8 @@ def config_from_args(argv: list[str] | None = None, environ: dict[str, str] | No
     redis_url, redis_src = pick("redis-url", args.redis_url)
     burst, burst_src = pick("chat-burst", args.chat_burst)
     rate, rate_src = pick("chat-rate", args.chat_rate)
+    guest_burst, guest_burst_src = pick("guest-burst", args.guest_burst)
+    guest_rate, guest_rate_src = pick("guest-rate", args.guest_rate)
     metrics, metrics_src = pick("metrics", args.metrics)
     compression, compression_src = pick("websocket-compression", args.websocket_compression)
 
@@ -259,6 +276,12 @@ def config_from_args(argv: list[str] | None = None, environ: dict[str, str] | No
         redis_url=parse_url(redis_url, redis_src, ("redis", "rediss", "unix")) if redis_url else None,
         chat_burst=parse_int(burst, burst_src, 1, 1_000_000) if burst is not None else defaults.chat_burst,
         chat_rate=parse_float(rate, rate_src, 0, 1_000_000) if rate is not None else defaults.chat_rate,
+        guest_burst=(
+            parse_int(guest_burst, guest_burst_src, 1, 1_000_000) if guest_burst is not None else defaults.guest_burst
+        ),
+        guest_rate=(
+            parse_float(guest_rate, guest_rate_src, 0, 1_000_000) if guest_rate is not None else defaults.guest_rate
+        ),
         trusted_proxies=tuple(parse_network(p, src) for p, src in proxies),
         metrics=parse_bool(metrics, metrics_src) if metrics is not None else False,
         operators=tuple(parse_operator(name, src) for name, src in operators),

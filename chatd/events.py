@@ -1,5 +1,5 @@
-"""What a connected client may ask: `send chat`, `join`, `leave`, `history`, `read`, `typing`
-(moderation.py adds the directory and moderation's events, and the checks these make).
+"""What a connected client may ask: `send chat`, `edit chat`, `delete chat`, `join`, `leave`, `history`,
+`read`, `typing` (moderation.py adds the directory and moderation's events, and the checks these make).
 
 Each handler takes the socket id and the event's payload and returns the ack
 (`{"ok": true, …}`); it raises `EventError` for SPEC's error codes. The gate
@@ -9,6 +9,7 @@ in sio/server.py acks, or emits `chat_error` when the client gave no ack.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from . import mentions
 from .limits import ChatRateLimiter
@@ -17,36 +18,30 @@ from .moderation import Moderation
 from .rooms import Rooms, SocketState
 from .sio.jsonhook import JsonText
 from .sio.server import Handler
-from .storage import MAX_ROOMS, Storage, TooManyRooms, direct_pair, is_direct
-from .validation import EventError, parse_history, parse_read, parse_room, parse_send_chat
+from .storage import MAX_ROOMS, ChangeRefused, Storage, TooManyRooms, direct_pair, is_direct
+from .validation import ID_MAX, EventError, parse_history, parse_message_ref, parse_read, parse_room, parse_send_chat
 
 TYPING_EVERY = 2.0  # seconds: at most one `typing` per session per room this often
 TYPING_MAX_ONLINE = 100  # nothing is relayed in a room with more sessions online
 TYPING_REMEMBERED = 10_000  # throttle entries kept before the stale ones are swept
 
 
+@dataclass(eq=False)
 class ChatEvents:
-    def __init__(
-        self,
-        sockets: dict[str, SocketState],
-        storage: Storage,
-        metrics: Metrics,
-        rooms: Rooms,
-        rate_limiter: ChatRateLimiter,
-        moderation: Moderation,
-    ) -> None:
-        self.moderation = moderation
-        self.sockets = sockets
-        self.storage = storage
-        self.metrics = metrics
-        self.rooms = rooms
-        self.rate_limiter = rate_limiter
-        self._typed: dict[tuple[str, str], float] = {}  # (member id, room) -> when last relayed
+    sockets: dict[str, SocketState]
+    storage: Storage
+    metrics: Metrics
+    rooms: Rooms
+    rate_limiter: ChatRateLimiter
+    moderation: Moderation
+    _typed: dict[tuple[str, str], float] = field(default_factory=dict, init=False)  # (member id, room) -> last relayed
 
     def table(self) -> dict[str, Handler]:
         """Event name -> handler: every event a client may send (anything else is ignored)."""
         return {
             "send chat": self.send_chat,
+            "edit chat": self.edit_chat,
+            "delete chat": self.delete_chat,
             "join": self.join,
             "leave": self.leave,
             "history": self.history,
@@ -61,29 +56,36 @@ class ChatEvents:
             raise EventError("not_in_room", f"Join '{room}' first.")
         return state
 
+    async def _take_token(self, session_id: str) -> None:
+        """`send chat` and `edit chat` draw on the session's chat limit."""
+        wait = await self.rate_limiter.take(session_id)
+        if wait > 0:
+            raise EventError(
+                "rate_limited", "You are sending too fast; wait a moment.", retry_after=round(wait + 0.0005, 3)
+            )
+
     async def send_chat(self, sid: str, payload) -> dict:
         command = parse_send_chat(payload)
         await self.moderation.admit(self.sockets[sid], command.room)
         state = self._joined(sid, command.room)
         await self.moderation.may_send(state, command.room)
         user = state.user
-        wait = await self.rate_limiter.take(user.sid)
-        if wait > 0:
-            raise EventError(
-                "rate_limited", "You are sending too fast; wait a moment.", retry_after=round(wait + 0.0005, 3)
-            )
+        await self._take_token(user.sid)
         named = await mentions.resolve(self.storage, command.msg)
         message = await self.storage.add_message(
-            command.room, user.name, user.account, command.msg, time.time(), author=state.owner, mentions=named
-        )
+            command.room, user.name, user.account, command.msg, time.time(),
+            author=state.owner, client_id=command.client_id, mentions=named,
+        )  # fmt: skip
+        if message.get("duplicate"):  # a resend of a kept client_id: the first send's ack, nothing else
+            return {"ok": True, "id": message["id"], "rev": message["rev"]}
         self.metrics.message_stored()
-        await self.rooms.publish_chat(message)
+        await self.rooms.publish_change("new", message)
         # Storing it moved the sender's marker to it; it was the room's last message then.
         moved = {"room": command.room, "last_id": message["id"], "read_id": message["id"], "unread": 0, "mentions": 0}
         await self.rooms.marker_moved(state.owner, moved, sid)
         if is_direct(command.room):  # back into the other account's rooms, if it had left
             await self._add_other(state, command.room)
-        return {"ok": True, "id": message["id"]}
+        return {"ok": True, "id": message["id"], "rev": message["rev"]}
 
     async def _add_other(self, state: SocketState, room: str) -> None:
         """A direct room is in both accounts' rooms: the other's sockets, everywhere, are told."""
@@ -94,6 +96,45 @@ class ChatEvents:
             return
         if added:
             await self.rooms.person_changed(other, "joined", room, "")
+
+    async def edit_chat(self, sid: str, payload) -> dict:
+        command = parse_message_ref(payload, with_msg=True)
+        state = self._joined(sid, command.room)
+        await self.moderation.may_send(state, command.room)
+        await self._take_token(state.user.sid)
+        named = await mentions.resolve(self.storage, command.msg)  # an edit recomputes them (SPEC)
+        message = await self._change(self.storage.edit_message, command, state.owner, command.msg, time.time(), named)
+        await self.rooms.publish_change("edited", message)
+        return {"ok": True, "rev": message["rev"]}
+
+    async def delete_chat(self, sid: str, payload) -> dict:
+        command = parse_message_ref(payload, with_msg=False)
+        state = self._joined(sid, command.room)
+        try:
+            deleted = await self._change(self.storage.delete_message, command, state.owner, any_author=False)
+        except EventError as refused:  # not its author: a moderator may still delete it
+            if refused.code != "forbidden" or not await self.moderates(state, command.room):
+                raise
+            deleted = await self._change(self.storage.delete_message, command, state.owner, any_author=True)
+            await self.moderation.deleted(state, command.room, command.id)
+        await self.rooms.publish_change("deleted", deleted)
+        return {"ok": True, "rev": deleted["rev"]}
+
+    async def moderates(self, state: SocketState, room: str) -> bool:
+        """Whether the socket's session may delete anyone's message in `room` (SPEC: the room's
+        moderators; direct rooms have none)."""
+        return await self.moderation.moderates(state, room)
+
+    @staticmethod
+    async def _change(apply, command, *args, **kwargs) -> dict:
+        if not 1 <= command.id <= ID_MAX:  # no such message can exist
+            raise EventError("not_found", "There is no such message in this room.")
+        try:
+            return await apply(command.room, command.id, *args, **kwargs)
+        except ChangeRefused as refused:
+            if refused.code == "forbidden":
+                raise EventError("forbidden", "Only its author may change this message.") from None
+            raise EventError("not_found", "There is no such message in this room.") from None
 
     async def join(self, sid: str, payload) -> dict:
         room = parse_room(payload)
@@ -124,7 +165,7 @@ class ChatEvents:
         }  # fmt: skip
 
     async def _check_other(self, state: SocketState, room: str) -> None:
-        """Joining a direct room: the other account exists and has room for it."""
+        """Joining a direct room: the other account exists."""
         other = next(name for name in direct_pair(room) if "a:" + name != state.owner)
         if await self.storage.find_account(other) is None:
             raise EventError("not_found", f"No account '{other}'.")
@@ -141,8 +182,13 @@ class ChatEvents:
         query = parse_history(payload)
         await self.moderation.admit(self.sockets[sid], query.room)
         self._joined(sid, query.room)
-        messages = await self.storage.history(query.room, before=query.before, after=query.after, limit=query.limit)
-        return {"ok": True, "messages": messages}
+        # The rev first: the messages read after it are at least that new, so a client
+        # that goes on `since` this rev misses nothing (at worst it sees a change twice).
+        _, rev = await self.storage.revision(query.room)
+        messages = await self.storage.history(
+            query.room, before=query.before, after=query.after, since=query.since, limit=query.limit
+        )
+        return {"ok": True, "messages": messages, "rev": rev}
 
     async def read(self, sid: str, payload) -> dict:
         room, message_id = parse_read(payload)

@@ -1,4 +1,4 @@
-"""The Socket.IO handshake: the session cookie read, the socket's identity fixed, `welcome` sent.
+"""The Socket.IO handshake: the session cookie read, the socket's identity fixed, `welcome` sent after the CONNECT answer.
 
 python-socketio runs on the same aiohttp app, so the Engine.IO handshake is an
 ordinary aiohttp request that passes through aiohttp-session's middleware. The
@@ -11,6 +11,7 @@ is fixed for the socket's lifetime.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import socketio
@@ -22,7 +23,7 @@ from .rooms import Rooms, SocketState, person_room
 from .sessions import read_session
 from .sio.jsonhook import OrjsonForSocketIO
 from .sio.server import ChatServer
-from .storage import DEFAULT_ROOM, OUTAGE_RETRY_AFTER, Storage, StorageError, owner_key
+from .storage import DEFAULT_ROOM, OUTAGE_RETRY_AFTER, Storage, StorageError
 
 log = logging.getLogger("chatd.handshake")
 
@@ -30,25 +31,19 @@ Refused = socketio.exceptions.ConnectionRefusedError
 NOBODY = Snapshot((b"[]",), 0)  # the welcome's `online` when the session is not in general
 
 
+@dataclass(eq=False)
 class Handshake:
-    def __init__(
-        self,
-        sio: ChatServer,
-        sockets: dict[str, SocketState],
-        storage: Storage,
-        metrics: Metrics,
-        rooms: Rooms,
-        endings: SessionEndings,
-        undo: Callable[[str], Awaitable[None]],
-    ) -> None:
-        self.sio = sio
-        self.sockets = sockets
-        self.storage = storage
-        self.metrics = metrics
-        self.rooms = rooms
-        self.endings = endings
-        self.undo = undo  # what a disconnect does: a refused socket gets no disconnect event
-        sio.eio.early_refusal = self.early_refusal
+    sio: ChatServer
+    sockets: dict[str, SocketState]
+    storage: Storage
+    metrics: Metrics
+    rooms: Rooms
+    endings: SessionEndings
+    undo: Callable[[str], Awaitable[None]]  # what a disconnect does: a refused socket gets no disconnect event
+
+    def __post_init__(self) -> None:
+        self.sio.eio.early_refusal = self.early_refusal
+        self.sio.on_connected(self.connected)
 
     async def connect(self, sid: str, environ: dict, auth=None) -> None:
         """python-socketio's connect handler: accept, or refuse with a reason."""
@@ -86,7 +81,7 @@ class Handshake:
         if await self.storage.is_revoked(user.sid):
             self.metrics.handshake_refused("revoked")
             raise Refused("unauthorized", {"reason": "revoked"})
-        owner = owner_key(user.account, user.member_id)
+        owner = user.author  # storage.owner_key
         state = self.sockets[sid] = SocketState(user=user, owner=owner)
         self.endings.watch_expiry(sid, state)
         # In the owner's room before its rooms are read: a join elsewhere meanwhile reaches it.
@@ -101,11 +96,20 @@ class Handshake:
             elif name not in state.rooms:
                 await self.rooms.enter_quietly(sid, state, name)
         self.metrics.handshake_accepted()
+        # Sent once python-socketio has answered the CONNECT (`connected`): a Socket.IO
+        # client drops, or must buffer, an event that comes before that answer.
         welcome = {
             "id": user.member_id, **user.public(), "room": room, "history": history,
             "online_count": online.count, "rooms": rooms,
         }  # fmt: skip
-        await self._send_welcome(sid, welcome, online)
+        state.welcome = (welcome, online)
+
+    async def connected(self, sid: str) -> None:
+        """The socket's CONNECT answer has been sent: `welcome` goes now."""
+        state = self.sockets.get(sid)
+        if state is not None and state.welcome is not None:
+            (welcome, online), state.welcome = state.welcome, None
+            await self._send_welcome(sid, welcome, online)
 
     async def early_refusal(self, environ: dict) -> str | None:
         """The CONNECT_ERROR `connect` would give a websocket handshake, found before it starts

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .accounts import password_problem, username_problem
 from .keys import ACCOUNTS, BODY, LOGIN_THROTTLE, METRICS, REALTIME, STORAGE, USER
-from .middlewares import ApiError
+from .middlewares import ApiError, draw_new_identity
 from .sessions import Identity, guest_name, issue_session, read_session
 from .storage import StorageError
 
@@ -73,6 +73,8 @@ async def register(request: web.Request) -> web.Response:
     problem = username_problem(username) or password_problem(password)
     if problem:
         raise ApiError(400, "invalid_request", problem)
+    if not (await read_session(request)).new:  # else the guest session this request was given has drawn already
+        await draw_new_identity(request)
     if not await request.app[ACCOUNTS].register(username, password):
         raise ApiError(409, "username_taken", "That username is taken.")
     user = await _switch_session(request, username, username, "login")

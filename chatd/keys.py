@@ -7,7 +7,7 @@ from redis.asyncio import Redis
 
 from .accounts import Accounts
 from .config import Config
-from .limits import LoginThrottle
+from .limits import LoginThrottle, NewIdentityLimiter
 from .metrics import Metrics
 from .realtime import Realtime
 from .sessions import Identity
@@ -18,6 +18,7 @@ CONFIG = web.AppKey("config", Config)
 STORAGE = web.AppKey("storage", Storage)
 ACCOUNTS = web.AppKey("accounts", Accounts)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
+NEW_IDENTITIES = web.AppKey("new_identities", NewIdentityLimiter)
 REALTIME = web.AppKey("realtime", Realtime)
 METRICS = web.AppKey("metrics", Metrics)
 REDIS = web.AppKey("redis", Redis)

@@ -50,6 +50,12 @@ class Metrics:
             buckets=STORAGE_BUCKETS,
             registry=self.registry,
         )
+        self.slow_closed = Counter(
+            "chatd_connections_closed_slow",
+            "Connections closed because they did not read (more than 1 MiB, or a frame 30 s, waiting).",
+            registry=self.registry,
+        )
+        self.tasks = Gauge("chatd_asyncio_tasks", "asyncio tasks alive in the process.", registry=self.registry)
         self._accepted = self.handshakes.labels("accepted", "")
 
     # -- hooks, called where things happen ----------------------------------
@@ -66,6 +72,9 @@ class Metrics:
     def event_error(self, code: str) -> None:
         self.event_errors.labels(code).inc()
 
+    def connection_closed_slow(self) -> None:
+        self.slow_closed.inc()
+
     def timed(self, storage: Any) -> TimedStorage:
         return TimedStorage(storage, self.storage_seconds)
 
@@ -75,6 +84,7 @@ class Metrics:
         self.sockets.set(sockets)
         self.rooms.set(rooms)
         self.members.set(members)
+        self.tasks.set(len(asyncio.all_tasks()))
         return await asyncio.to_thread(generate_latest, self.registry)
 
 

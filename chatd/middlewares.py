@@ -11,7 +11,8 @@ import logging
 from aiohttp import web
 
 from .config import origin_allowed as config_origin_allowed
-from .keys import BODY, CONFIG, USER
+from .keys import BODY, CONFIG, NEW_IDENTITIES, USER
+from .limits import retry_after
 from .sessions import guest_name, issue_session, read_session
 from .storage import OUTAGE_RETRY_AFTER, StorageError
 
@@ -172,8 +173,27 @@ async def ensure_session(request: web.Request, handler) -> web.StreamResponse:
     """The page and every /api/* route run with a valid session: a new guest one if need be."""
     if request.path == "/" or is_api(request):
         session = await read_session(request)
+        if session.user is None:
+            try:
+                await draw_new_identity(request)
+            except ApiError as refused:  # answered before a session is issued: no cookie
+                return refused.response() if is_api(request) else _too_many_page(refused)
         request[USER] = session.user or await issue_session(request, guest_name(), None)
     return await handler(request)
+
+
+async def draw_new_identity(request: web.Request) -> None:
+    """A guest session or an account: one token of the client address's bucket, else 429 (limits/)."""
+    # request.remote is the forwarded client address behind a --trusted-proxy (forwarded.py).
+    wait = await request.app[NEW_IDENTITIES].take(request.remote or "")
+    if wait:
+        message = "Too many new sessions from your address; try again later."
+        raise ApiError(429, "too_many_requests", message, {"Retry-After": str(retry_after(wait))})
+
+
+def _too_many_page(refused: ApiError) -> web.Response:
+    page = f"<!doctype html><meta charset=utf-8><title>chatd</title><p>{refused.message}</p>\n"
+    return web.Response(text=page, content_type="text/html", status=refused.status, headers=refused.headers)
 
 
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 
+from .accounts import USERNAME_RE
 from .rooms import Rooms, SocketState, chat_room
 from .sio.server import Handler
 from .storage import DEFAULT_ROOM, Storage, direct_pair, is_direct
@@ -82,6 +83,14 @@ class Moderation:
         if state.user.account is not None and not is_direct(room) and room != DEFAULT_ROOM:
             await self.storage.claim_room(room, state.user.account.lower())
 
+    async def moderates(self, state: SocketState, room: str) -> bool:
+        """A moderator of the room (`delete chat` of anyone's message); nobody in a direct room."""
+        return not is_direct(room) and await self._rank(room, state.user.account) >= MODERATOR
+
+    async def deleted(self, state: SocketState, room: str, message_id: int) -> None:
+        """A moderator deleted somebody else's message: the audit log keeps its id, never its text."""
+        await self.storage.record(state.user.account, "delete", None, room, message_id=message_id)
+
     async def topic_of(self, room: str) -> str:
         if is_direct(room):
             return ""
@@ -111,7 +120,8 @@ class Moderation:
         """The target's owner key, how the audit log names it, and its account (None: a guest);
         `not_found` if unknown, `forbidden` if it outranks the actor (or is an operator)."""
         if target.username is not None:
-            account = await self.storage.find_account(target.username)
+            valid = USERNAME_RE.fullmatch(target.username)
+            account = await self.storage.find_account(target.username) if valid else None
             if account is None:
                 raise EventError("not_found", f"No account '{target.username}'.")
             owner, named, key = "a:" + account.username.lower(), account.username, account.username.lower()

@@ -1,38 +1,44 @@
-"""Ordered, exactly-once delivery of a room's messages on one process.
+"""Ordered, exactly-once delivery of a room's changes on one process.
 
-Several processes store messages, and Redis hands their publications to each
-process in whatever order they were published: message 8 of a room, stored by
-process A, may arrive here before message 7, stored by process B a moment
-earlier. Storage makes a room's ids gapless and increasing (1, 2, 3, …), and a
-message never becomes visible in storage before every lower id of its room
-(see SPEC, "Order"). So each process can put a room's messages back in order
-by itself:
+A *change* is a new message, an edit or a delete: `{"kind": "new"|"edited"|"deleted",
+"message": …}`, the message part carrying the room and the change's `rev`.
 
-- It remembers, per room, the highest id it has delivered (the *watermark*).
-- A message at watermark + 1 is delivered at once, followed by any held ones
+Several processes store changes, and Redis hands their publications to each
+process in whatever order they were published: rev 8 of a room, stored by
+process A, may arrive here before rev 7, stored by process B a moment earlier.
+Storage makes a room's revs gapless and increasing (1, 2, 3, …), and a change
+never becomes visible in storage before every lower rev of its room (see SPEC,
+"Order"). So each process can put a room's changes back in order by itself:
+
+- It remembers, per room, the highest rev it has delivered (the *watermark*),
+  and the highest message id among them (where a joiner's history stops).
+- A change at watermark + 1 is delivered at once, followed by any held ones
   that now follow on.
-- A message further ahead is held. If the gap is still open after
-  `hold_seconds`, the process asks storage for what follows the watermark
-  (`history(after=…)`): storage already has the missing messages (they are
-  older than one it holds), or they do not exist (old data migrated with gaps),
-  so after that fetch everything held can go out, in order.
-- A message at or below the watermark, or already held, is a duplicate: dropped.
+- A change further ahead is held. If the gap is still open after
+  `hold_seconds`, the process asks storage for what changed after the watermark
+  (`history(since=…)`): storage already has the missing changes (they are older
+  than one it holds), or they do not exist (old data migrated with gaps), so
+  after that fetch everything held can go out, in order. A message changed
+  again since the missing rev comes as it is now, at its latest rev (the older
+  rev is gone from storage): a message this process never delivered as new goes
+  out as `new`, one it did as `edited`.
+- A change at or below the watermark, or already held, is a duplicate: dropped.
 
-Where a room's watermark starts: at storage's latest id for the room, read the
+Where a room's watermark starts: at storage's current rev for the room, read the
 first time this process needs the room — when a local socket joins it (see
-`enter`) or when a message for it arrives. Everything up to there is in the
-history a joining socket is sent; everything after it comes as `new chat`. So a
-process that has just started, or a room whose old ids have gaps, starts from
+`enter`) or when a change for it arrives. Everything up to there is in the
+history a joining socket is sent; everything after it comes live. So a
+process that has just started, or a room whose old revs have gaps, starts from
 what storage holds now, and older gaps never stall delivery.
 
 A joining socket must enter the room and read the watermark with no delivery
 in between: `enter` runs the caller's join under the room's lock and returns the
-watermark; the socket's history is then everything up to it.
+highest message id delivered; the socket's history is then the messages up to it.
 
 When the last local socket leaves a room, the caller `forget`s it, and feeds
-the sequencer only the messages of rooms it `tracks`: every process hears every
-room's messages, and one with no socket in a room has nothing to order. A
-message dropped that way was stored before it was published, so the next start
+the sequencer only the changes of rooms it `tracks`: every process hears every
+room's changes, and one with no socket in a room has nothing to order. A
+change dropped that way was stored before it was published, so the next start
 of the room (from storage) counts it as history.
 """
 
@@ -53,16 +59,22 @@ HOLD_SECONDS = 0.3
 Deliver = Callable[[dict], Awaitable[None]]
 
 
+def change(kind: str, message: dict) -> dict:
+    """A change as the sequencer takes it: `kind` is new, edited or deleted."""
+    return {"kind": kind, "message": message}
+
+
 @dataclass(slots=True)
 class _Room:
-    delivered: int  # the watermark: the highest id delivered here (or in every joiner's history)
-    held: dict[int, dict] = field(default_factory=dict)
+    delivered: int  # the watermark: the highest rev delivered here (or in every joiner's history)
+    last_id: int  # the highest message id among them: a joiner's history stops there
+    held: dict[int, dict] = field(default_factory=dict)  # rev -> change
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gap_timer: asyncio.TimerHandle | None = None
 
 
 class Sequencer:
-    """Per room: `receive` messages in any order, with repeats; `deliver` sees each once, in id order."""
+    """Per room: `receive` changes in any order, with repeats; `deliver` sees each once, in rev order."""
 
     def __init__(self, storage: Storage, deliver: Deliver, *, hold_seconds: float = HOLD_SECONDS) -> None:
         self.storage = storage
@@ -85,15 +97,15 @@ class Sequencer:
         return await asyncio.shield(starting)
 
     async def _start(self, name: str) -> _Room:
-        latest = await self.storage.history(name, limit=1)
-        room = self._rooms[name] = _Room(delivered=latest[-1]["id"] if latest else 0)
+        last_id, last_rev = await self.storage.revision(name)
+        room = self._rooms[name] = _Room(delivered=last_rev, last_id=last_id)
         return room
 
     async def enter(self, name: str, join: Callable[[], Awaitable[None]]) -> int:
-        """Run `join` (a socket entering the room) with no delivery alongside; the watermark then.
+        """Run `join` (a socket entering the room) with no delivery alongside; the last message id then.
 
-        The socket is sent every message after the returned id, so its history should
-        be the messages up to it.
+        The socket is sent every change after the watermark, so its history should
+        be the messages up to the returned id.
         """
         while True:
             room = await self._room(name)
@@ -101,11 +113,12 @@ class Sequencer:
                 if self._rooms.get(name) is not room:
                     continue  # forgotten while we waited: the room restarts from storage
                 await join()
-                return room.delivered
+                return room.last_id
 
     def watermark(self, name: str) -> int | None:
+        """The highest message id delivered here (None: the room is not ordered here)."""
         room = self._rooms.get(name)
-        return None if room is None else room.delivered
+        return None if room is None else room.last_id
 
     def tracks(self, name: str) -> bool:
         """Whether this process follows the room (some local socket entered it, and it was not forgotten)."""
@@ -127,30 +140,33 @@ class Sequencer:
                     room.gap_timer.cancel()
                     room.gap_timer = None
 
-    # -- messages ---------------------------------------------------------------------
+    # -- changes ----------------------------------------------------------------------
 
-    async def receive(self, message: dict) -> None:
-        name, id_ = message["room"], message["id"]
+    async def receive(self, change: dict) -> None:
+        name, rev = change["message"]["room"], change["message"]["rev"]
         room = await self._room(name)
         async with room.lock:
             if self._rooms.get(name) is not room:
                 return  # forgotten meanwhile: no local socket wants it, and a new start reads storage
-            if id_ <= room.delivered or id_ in room.held:
+            if rev <= room.delivered or rev in room.held:
                 return  # a duplicate
-            room.held[id_] = message
+            room.held[rev] = change
             await self._deliver_in_order(room)
             self._watch_gap(name, room)
 
     async def _deliver_in_order(self, room: _Room) -> None:
-        while (message := room.held.pop(room.delivered + 1, None)) is not None:
-            room.delivered = message["id"]
-            await self._deliver(message)
+        while (change := room.held.pop(room.delivered + 1, None)) is not None:
+            await self._deliver(room, change)
 
-    async def _deliver(self, message: dict) -> None:
+    async def _deliver(self, room: _Room, change: dict) -> None:
+        message = change["message"]
+        room.delivered = message["rev"]
+        if change["kind"] == "new":
+            room.last_id = max(room.last_id, message["id"])
         try:
-            await self.deliver(message)
+            await self.deliver(change)
         except Exception:  # one failed delivery must not stop the room's later ones
-            log.exception("delivery of message %s in %r failed", message.get("id"), message.get("room"))
+            log.exception("delivery of rev %s in %r failed", message.get("rev"), message.get("room"))
 
     def _watch_gap(self, name: str, room: _Room) -> None:
         if room.held and room.gap_timer is None:
@@ -168,25 +184,33 @@ class Sequencer:
             try:
                 await self._fetch_missing(name, room)
             except Exception:
-                log.exception("could not fetch the missing messages of %r", name)
+                log.exception("could not fetch the missing changes of %r", name)
             # Whatever is still held is past a gap storage does not have: send it in order.
-            for id_ in sorted(room.held):
-                if id_ > room.delivered:
-                    room.delivered = id_
-                    await self._deliver(room.held[id_])
+            for rev in sorted(room.held):
+                if rev > room.delivered:
+                    await self._deliver(room, room.held[rev])
             room.held.clear()
 
     async def _fetch_missing(self, name: str, room: _Room) -> None:
         while room.held and min(room.held) > room.delivered + 1:
-            page = await self.storage.history(name, after=room.delivered, limit=HISTORY_MAX)
-            for message in page:
-                if message["id"] > room.delivered:
-                    room.held.pop(message["id"], None)
-                    room.delivered = message["id"]
-                    await self._deliver(message)
+            page = await self.storage.history(name, since=room.delivered, limit=HISTORY_MAX)
+            for item in page:
+                if item["rev"] > room.delivered:
+                    room.held.pop(item["rev"], None)
+                    await self._deliver(room, self._as_change(room, item))
+            for rev in [rev for rev in room.held if rev <= room.delivered]:
+                del room.held[rev]  # superseded: its message came at a later rev
             await self._deliver_in_order(room)
             if len(page) < HISTORY_MAX:
                 return
+
+    @staticmethod
+    def _as_change(room: _Room, item: dict) -> dict:
+        """A row of `history` `since` as the change this process delivers for it."""
+        if item.get("deleted"):
+            room.last_id = max(room.last_id, item["id"])  # created in the gap, then deleted: never new here
+            return change("deleted", {"room": item["room"], "id": item["id"], "rev": item["rev"]})
+        return change("new" if item["id"] > room.last_id else "edited", item)
 
     async def close(self) -> None:
         """Stop every gap timer and room start still pending (shutdown)."""

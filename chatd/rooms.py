@@ -1,10 +1,11 @@
-"""Chat rooms on this process: entering and leaving them (presence included), `new chat` fan-out,
-and the rooms that follow the person.
+"""Chat rooms on this process: entering and leaving them (presence included), the fan-out
+of a room's changes (`new chat`, `chat edited`, `chat deleted`), and the rooms that
+follow the person.
 
 Every broadcast goes through python-socketio rooms named `room:<name>`, so that a
-Redis client manager can carry them across processes. `new chat` is the
-exception: a stored message is handed once to every process's sequencer
-(ordering.py), which emits it to that process's sockets only, in id order.
+Redis client manager can carry them across processes. A room's changes are the
+exception: a stored change is handed once to every process's sequencer
+(ordering.py), which emits it to that process's sockets only, in rev order.
 
 A session's rooms are kept in storage per owner (`storage.owner_key`: an account,
 or a guest session). Every socket of an owner is also in the Socket.IO room
@@ -18,7 +19,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .ordering import Sequencer
+from .ordering import Sequencer, change
 from .presence import Member, Presence, Publish
 from .presence.published import Snapshot
 from .sessions import Identity
@@ -27,6 +28,7 @@ from .sio.server import ChatServer
 from .storage import Storage
 
 WELCOME_HISTORY = 50
+KINDS = ("new", "edited", "deleted")  # of a change: `new chat`, `chat edited`, `chat deleted`
 
 
 def chat_room(name: str) -> str:
@@ -46,6 +48,7 @@ class SocketState:
     owner: str  # storage.owner_key: whose rooms and read markers
     rooms: set[str] = field(default_factory=set)
     expiry: asyncio.TimerHandle | None = None
+    welcome: tuple[dict, Snapshot] | None = None  # made by the connect handler, sent after the CONNECT answer
 
 
 class Rooms:
@@ -62,10 +65,10 @@ class Rooms:
         self.storage = storage
         self.cluster = cluster
         self.presence = presence(self._publish_presence)
-        # Every `new chat` reaches this process's sockets through the sequencer: once each, in id order.
-        self.sequencer = Sequencer(storage, self._deliver_chat)
+        # Every change reaches this process's sockets through the sequencer: once each, in rev order.
+        self.sequencer = Sequencer(storage, self._deliver_change)
         if cluster is not None:
-            cluster.on_control("chat", self._chat_published)
+            cluster.on_control("change", self._change_published)
             cluster.on_control("rooms", self._rooms_changed)
             cluster.on_control("room_state", self._room_state_moved)
             cluster.on_control("typing", self._typing)
@@ -86,7 +89,7 @@ class Rooms:
         """Join a chat room, its live events and its presence, without reading its history or
         list (the rooms a socket enters at connect); the id its live `new chat`s start after."""
         state.rooms.add(room)
-        # The history stops where this socket's live `new chat`s start (ordering.py).
+        # The history stops where this socket's live changes start (ordering.py).
         watermark = await self.sequencer.enter(room, lambda: self.sio.enter_room(sid, chat_room(room)))
         await self.presence.join(room, sid, state.user.presence_member())
         return watermark
@@ -110,7 +113,7 @@ class Rooms:
         await self._release(sid, state.rooms)
 
     async def history_until(self, room: str, watermark: int | None) -> list[dict]:
-        """The latest messages up to `watermark`, the last id this process delivered to the room."""
+        """The latest messages up to `watermark`, the last message id this process delivered to the room."""
         if watermark is None:  # not ordered here (cannot be, for a room a socket is in): the latest
             return await self.storage.history(room, limit=WELCOME_HISTORY)
         if watermark == 0:
@@ -185,23 +188,33 @@ class Rooms:
         for sid, _ in self._local_sockets(owner, origin):
             await self.sio.emit("room state", state, to=sid, ignore_queue=True)
 
-    # -- new chat: stored, then ordered and delivered on every process ------------------------
+    # -- changes: stored, then ordered and delivered on every process ------------------------
 
-    async def publish_chat(self, message: dict) -> None:
-        """Hand a stored message to every process's sequencer, this one's included."""
+    async def publish_change(self, kind: str, message: dict) -> None:
+        """Hand a stored change (new, edited, deleted) to every process's sequencer, this one's included."""
         if self.cluster is not None:
-            await self.cluster.publish_control("chat", message)
+            await self.cluster.publish_control("change", change(kind, message))
         else:
-            await self._chat_published(message)
+            await self._change_published(change(kind, message))
 
-    async def _chat_published(self, message: dict) -> None:
+    async def _change_published(self, published: dict) -> None:
         # Rooms without a socket here are not ordered here: the next join starts them from storage.
+        if not (isinstance(published, dict) and published.get("kind") in KINDS):
+            return
+        message = published.get("message")
         if isinstance(message, dict) and self.sequencer.tracks(message.get("room")):
-            await self.sequencer.receive(message)
+            await self.sequencer.receive(published)
 
-    async def _deliver_chat(self, message: dict) -> None:
+    async def _deliver_change(self, published: dict) -> None:
         """The sequencer's output: to this process's sockets in the room only (every process runs one)."""
-        await self.sio.emit("new chat", message, room=chat_room(message["room"]), ignore_queue=True)
+        message, kind = published["message"], published["kind"]
+        room = chat_room(message["room"])
+        if kind == "new":
+            await self.sio.emit("new chat", message, room=room, ignore_queue=True)
+        elif kind == "edited":
+            await self.sio.emit("chat edited", message, room=room, ignore_queue=True)
+        else:
+            await self.sio.emit("chat deleted", message, room=room, ignore_queue=True)
 
     async def close(self) -> None:
         await self.presence.close()  # nobody is left to tell

@@ -33,6 +33,8 @@ from aiohttp import web
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from .storage import owner_key
+
 COOKIE_NAME = "chatd_session"
 
 # Why a cookie is no session; the handshake's `connect_error` carries these.
@@ -65,6 +67,13 @@ class Identity:
 
     def public(self) -> dict:
         return {"name": self.name, "account": self.account, "expires_at": self.expires_at}
+
+    @property
+    def author(self) -> str:
+        """The session's owner key (storage.owner_key): whose rooms and read markers these are,
+        and who may edit and delete the messages it sends (SPEC) — its account, every session
+        of it; a guest, this session only, by its public member id (never the sid)."""
+        return owner_key(self.account, self.member_id)
 
 
 class RotatingFernet(Fernet):

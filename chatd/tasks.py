@@ -50,9 +50,12 @@ class TaskOwner:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def close(self) -> None:
-        """Cancel every task still running and wait for them to end; no timer starts one after this."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Let running tasks finish for up to `grace` seconds, then cancel the rest and wait
+        for them to end; no timer starts a task after this."""
         self._closed = True
+        if grace > 0 and self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

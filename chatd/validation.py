@@ -14,6 +14,7 @@ from .storage import DEFAULT_ROOM, HISTORY_DEFAULT, HISTORY_MAX
 
 ROOM_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 DIRECT_RE = re.compile(r"@([a-z0-9_.-]{3,24})\+([a-z0-9_.-]{3,24})")  # both accounts, sorted, distinct
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MSG_MAX = 2000
 # The largest id storage can hold (SQLite and PostgreSQL: signed 64 bits). A
 # larger id is still a valid integer: it is clamped, so it pages back from the
@@ -80,6 +81,7 @@ def check_message(msg: str) -> str:
 class SendChat:
     room: str
     msg: str
+    client_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +90,36 @@ class HistoryQuery:
     before: int | None
     after: int | None
     limit: int
+    since: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRef:
+    """`edit chat` (with `msg`) and `delete chat` (without)."""
+
+    room: str
+    id: int
+    msg: str | None = None
 
 
 def parse_send_chat(payload) -> SendChat:
     payload = _object(payload)
     msg = _field(payload, "msg", str, required=True)
     room = _field(payload, "room", str, required=False)
-    return SendChat(room=check_room(DEFAULT_ROOM if room is None else room), msg=check_message(msg))
+    client_id = _field(payload, "client_id", str, required=False)
+    if client_id is not None and not CLIENT_ID_RE.fullmatch(client_id):
+        raise EventError("invalid_request", "'client_id' is 1 to 64 of A-Z, a-z, 0-9, '_' and '-'.")
+    room = check_room(DEFAULT_ROOM if room is None else room)
+    return SendChat(room=room, msg=check_message(msg), client_id=client_id)
+
+
+def parse_message_ref(payload, *, with_msg: bool) -> MessageRef:
+    payload = _object(payload)
+    room = _field(payload, "room", str, required=True)
+    id_ = _field(payload, "id", int, required=True)
+    msg = _field(payload, "msg", str, required=with_msg) if with_msg else None
+    room = check_room(room)
+    return MessageRef(room=room, id=id_, msg=None if msg is None else check_message(msg))
 
 
 def parse_room(payload) -> str:
@@ -117,19 +142,25 @@ def parse_history(payload) -> HistoryQuery:
     room = _field(payload, "room", str, required=True)
     before = _field(payload, "before", int, required=False)
     after = _field(payload, "after", int, required=False)
+    since = _field(payload, "since", int, required=False)
     limit = _field(payload, "limit", int, required=False)
     room = check_room(room)
     if before is not None and after is not None:
         raise EventError("invalid_request", "Give 'before' or 'after', not both.")
+    if since is not None and (before is not None or after is not None):
+        raise EventError("invalid_request", "Give 'since' alone, without 'before' or 'after'.")
     if any(v is not None and v <= 0 for v in (before, after)):
         raise EventError("invalid_request", "Message ids are positive integers.")
+    if since is not None and since < 0:
+        raise EventError("invalid_request", "'since' is a revision, 0 or more.")
     before = None if before is None else min(before, ID_MAX)
     after = None if after is None else min(after, ID_MAX)
+    since = None if since is None else min(since, ID_MAX)
     if limit is None:
         limit = HISTORY_DEFAULT
     elif not 1 <= limit <= HISTORY_MAX:
         raise EventError("invalid_request", f"'limit' is 1 to {HISTORY_MAX}.")
-    return HistoryQuery(room=room, before=before, after=after, limit=limit)
+    return HistoryQuery(room=room, before=before, after=after, limit=limit, since=since)
 
 
 # -- the directory and moderation (moderation.py) ----------------------------------------
@@ -138,7 +169,7 @@ QUERY_MAX = 32  # SPEC: `rooms` `query`
 DIRECTORY_DEFAULT = 50
 TOPIC_MAX = 200  # SPEC: characters after trimming
 MUTE_MAX = 86400  # seconds
-MEMBER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MEMBER_ID_RE = CLIENT_ID_RE  # member ids: 1 to 64 URL-safe characters too
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +206,8 @@ def parse_topic(payload) -> tuple[str, str]:
         topic.encode("utf-8")
     except UnicodeEncodeError:
         raise EventError("invalid_request", "The topic is not valid Unicode.") from None
+    if "\x00" in topic:  # a topic is one line of text (and PostgreSQL text cannot hold U+0000)
+        raise EventError("invalid_request", "The topic cannot hold U+0000.")
     return room, topic
 
 

@@ -22,10 +22,22 @@ from . import http_api
 from .accounts import Accounts
 from .config import Config, ConfigError
 from .forwarded import TrustedProxies
-from .keys import ACCOUNTS, BODY, CLIENT_MANAGER, CONFIG, LOGIN_THROTTLE, METRICS, REALTIME, REDIS, STORAGE, USER
+from .keys import (
+    ACCOUNTS,
+    BODY,
+    CLIENT_MANAGER,
+    CONFIG,
+    LOGIN_THROTTLE,
+    METRICS,
+    NEW_IDENTITIES,
+    REALTIME,
+    REDIS,
+    STORAGE,
+    USER,
+)
 from .limits import ChatRateLimiter
-from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle
-from .limits.redis import RedisChatRateLimiter, RedisLoginThrottle
+from .limits.memory import MemoryChatRateLimiter, MemoryLoginThrottle, MemoryNewIdentityLimiter
+from .limits.redis import RedisChatRateLimiter, RedisLoginThrottle, RedisNewIdentityLimiter
 from .metrics import Metrics
 from .middlewares import (
     add_security_headers,
@@ -41,7 +53,8 @@ from .presence.redis import RedisPresence
 from .realtime import Realtime
 from .sessions import SessionCookieStorage
 from .sio.managers import RedisClientManager, redis_address
-from .storage import Storage
+from .tasks import TaskOwner
+from .storage import Storage, prune_client_ids_forever
 from .storage.postgres import PostgresStorage
 from .storage.sqlite import SqliteStorage
 
@@ -49,8 +62,8 @@ from .storage.sqlite import SqliteStorage
 warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module=r"aiohttp_session")
 
 __all__ = [
-    "ACCOUNTS", "BODY", "CLIENT_MANAGER", "CONFIG", "LOGIN_THROTTLE", "METRICS", "REALTIME", "REDIS", "STORAGE",
-    "USER", "create_app",
+    "ACCOUNTS", "BODY", "CLIENT_MANAGER", "CONFIG", "LOGIN_THROTTLE", "METRICS", "NEW_IDENTITIES", "REALTIME",
+    "REDIS", "STORAGE", "USER", "create_app",
 ]  # fmt: skip
 
 
@@ -89,10 +102,12 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         presence = functools.partial(RedisPresence, redis=app[REDIS])
         rate_limiter = RedisChatRateLimiter(app[REDIS], config.chat_burst, config.chat_rate)
         app[LOGIN_THROTTLE] = RedisLoginThrottle(app[REDIS])
+        app[NEW_IDENTITIES] = RedisNewIdentityLimiter(app[REDIS], config.guest_burst, config.guest_rate)
         app.cleanup_ctx.append(_redis_lifetime)
     else:
         rate_limiter = MemoryChatRateLimiter(config.chat_burst, config.chat_rate)
         app[LOGIN_THROTTLE] = MemoryLoginThrottle()
+        app[NEW_IDENTITIES] = MemoryNewIdentityLimiter(config.guest_burst, config.guest_rate)
     app[REALTIME] = Realtime(
         storage=storage,
         presence=presence,
@@ -132,7 +147,10 @@ def _socket_origin_allowed(metrics: Metrics, origin: str | None, request: web.Re
 async def _storage_lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[STORAGE].open()
     await app[ACCOUNTS].warm_up()
+    housekeeping = TaskOwner("storage housekeeping")
+    housekeeping.spawn(prune_client_ids_forever(app[STORAGE]))
     yield
+    await housekeeping.close()
     app[ACCOUNTS].close()
     await app[STORAGE].close()
 

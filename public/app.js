@@ -3,8 +3,9 @@
 // Two rules shape it:
 // - The server keeps the session's rooms (welcome's `rooms`, then `joined`/`left`); history
 //   only comes on request, so every `welcome` (first connect, reconnect, new session) asks
-//   `join` for each room's snapshot and catches it up from the last message id it holds.
-//   Read markers, mentions, typing and notifications are in js/follow.js.
+//   `join` for each room's snapshot and catches each up with `history` `since` the highest
+//   revision it saw (new, edited and deleted messages; js/messages.js), then sends what
+//   waits in the outbox. Read markers, mentions, typing and notifications are in js/follow.js.
 // - When this page logs in, registers or logs out, the server ends the old socket's session
 //   *before* the HTTP answer sets the new cookie. So the page ignores that ending and opens a
 //   new connection only once the answer has arrived; an ending it did not ask for (another
@@ -13,12 +14,12 @@
 import * as api from "./js/api.js";
 import { Connection } from "./js/connection.js";
 import { applyState, markRead, mentionsMe, Notifier, Typing } from "./js/follow.js";
+import { Outbox, applyChanges, attachMessageActions, catchUpSince, removeMessage } from "./js/messages.js";
 import { installModeration } from "./js/moderation.js";
 import { HISTORY_PAGE, Rooms } from "./js/rooms.js";
 import * as view from "./js/view.js";
 import { el } from "./js/view.js";
 
-const CATCH_UP_PAGE = 100; // the largest page `history` gives
 const RECOVER_DELAY_MS = 1500;
 const RECOVER_DELAY_MAX_MS = 30000;
 
@@ -46,6 +47,14 @@ let loadingOlder = false;
 // Rooms being joined: the `new chat`s that came before the join's answer. The server
 // sends a joining socket every message after its history, and one may overtake the answer.
 const joining = new Map();
+const outbox = new Outbox({
+  connection: () => connection,
+  ready: () => ready && connection?.connected,
+  showError: (error) => showError(error),
+  putBack: (text) => {
+    if (!el.message.value) el.message.value = text;
+  },
+});
 
 // -- connection and session ---------------------------------------------------
 
@@ -54,11 +63,14 @@ function connect() {
   connection = new Connection({
     welcome: onWelcome,
     chat: onChat,
+    edited: onEdited,
+    deleted: onDeleted,
     presence: onPresence,
     error: showError,
     dropped: () => {
       ready = false;
       view.showStatus("Reconnecting");
+      outbox.render();
     },
     ended: onEnded,
   });
@@ -86,6 +98,8 @@ async function onWelcome(welcome) {
   ready = true;
   view.showStatus("Online");
   showCurrent();
+  outbox.render(rooms.current);
+  outbox.flush();
   maybeLoadOlder();
 }
 
@@ -105,23 +119,23 @@ async function resync(current, room, welcome) {
 }
 
 /**
- * Merge a (re)join's latest history, then ask for what came after the last message we held,
- * page by page, when that history does not reach back to it.
+ * Merge a (re)join's latest history, then, for a room the page held before, every change
+ * since the highest revision it saw: new messages, edits and deletions.
  */
 async function catchUp(current, room, history, online) {
-  const since = room.lastId;
-  if (since === null) room.hasOlder = history.length >= HISTORY_PAGE;
+  const since = room.maxRev;
+  const held = room.lastId;
+  if (held === null) room.hasOlder = history.length >= HISTORY_PAGE;
   room.online.reset(online);
   if (room.name === rooms.current) view.renderOnline(room, me);
-  addMessages(room, history, since ?? Infinity);
+  addMessages(room, history, held ?? Infinity);
   if (room.name === rooms.current) view.showOlderButton(room, loadingOlder);
-  if (since === null || !history.length || history[0].id <= since) return;
-  for (let after = since; ; ) {
-    const { messages } = await current.request("history", { room: room.name, after, limit: CATCH_UP_PAGE });
-    addMessages(room, messages, since);
-    if (messages.length < CATCH_UP_PAGE) return;
-    after = messages[messages.length - 1].id;
-  }
+  if (since === null) return;
+  await catchUpSince(current, room, since, (changes) => applyChanges(room, changes, changeContext(room, held ?? 0)));
+}
+
+function changeContext(room, unreadAbove = 0) {
+  return { me, shown: room.name === rooms.current, addNew: (r, fresh) => addMessages(r, fresh, unreadAbove) };
 }
 
 function onEnded(reason) {
@@ -233,6 +247,24 @@ function showCurrent(render = true) {
   typing.show(rooms.current);
 }
 
+function onEdited(message) {
+  const room = rooms.get(message.room);
+  if (room) applyChanges(room, [message], changeContext(room));
+}
+
+function onDeleted({ room: name, id, rev }) {
+  const room = rooms.get(name);
+  if (!room) return;
+  // A deleted message no longer counts as unread (SPEC), nor as a mention.
+  const held = room.find(id);
+  if (held && room.unread > 0 && id > (room.readId ?? 0) && !view.isMine(held, me)) {
+    room.unread -= 1;
+    if (room.mentions > 0 && mentionsMe(held, me)) room.mentions -= 1;
+    view.renderRooms(rooms, selectRoom);
+  }
+  removeMessage(room, id, rev, me, name === rooms.current);
+}
+
 function onPresence(change) {
   const room = rooms.get(change.room);
   if (!room) return; // not joined yet: the join's snapshot will be newer
@@ -270,6 +302,7 @@ function showError(error) {
 function selectRoom(name) {
   rooms.select(name);
   showCurrent();
+  outbox.render(name);
   view.setMenuOpen(false);
   maybeLoadOlder();
 }
@@ -308,18 +341,15 @@ function maybeLoadOlder() {
 el.log.addEventListener("scroll", maybeLoadOlder, { passive: true });
 el.older.addEventListener("click", loadOlder);
 
-el.sendForm.addEventListener("submit", async (event) => {
+el.sendForm.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = el.message.value;
   if (!text.trim() || !rooms.current) return;
-  el.message.value = ""; // at once, so fast typists can go on; put back if it fails
-  try {
-    await connection.request("send chat", { msg: text, room: rooms.current });
-  } catch (error) {
-    if (!el.message.value) el.message.value = text;
-    showError(error);
-  }
+  el.message.value = ""; // at once, so fast typists can go on; given back if the server refuses it
+  outbox.send(rooms.current, text); // sent now, or when the connection is back: once either way
 });
+
+attachMessageActions({ connection: () => connection, room: () => rooms.get(rooms.current), showError });
 
 /** Join a room (ours: the form; another tab's or device's: `joined`) and take its snapshot. */
 async function enterRoom(current, name) {
@@ -407,4 +437,5 @@ document.addEventListener("keydown", (event) => {
 
 view.renderRooms(rooms, selectRoom);
 view.renderRoom(rooms.get(rooms.current), me);
+outbox.render(rooms.current);
 recover();

@@ -3,7 +3,7 @@
 Starts a throwaway Redis and PostgreSQL, two `python -m chatd` processes sharing
 them (and the same fresh secret key), and nginx in front of them
 (deploy/nginx-chatd.conf: ip_hash, websocket upgrade) — the same throwaway servers
-the tests use (tests/redis_service.py, tests/pg_service.py, tests/nginx_service.py). Prints the URLs; Ctrl-C stops
+the tests use (tests/services.py and its users). Prints the URLs; Ctrl-C stops
 everything it started, by PID, and removes the temp dirs.
 
 Not part of the chatd package: a developer's tool, run from a checkout.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -27,52 +26,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from nginx_service import nginx_missing, start_nginx  # noqa: E402
 from pg_service import find_bin_dir, start_postgres  # noqa: E402
-from redis_service import free_port, redis_missing, start_redis  # noqa: E402
-
-
-class Chatd:
-    """One `python -m chatd` process; its log goes to a file in the cluster's temp dir."""
-
-    def __init__(self, name: str, port: int, flags: list[str], env: dict[str, str], directory: Path) -> None:
-        self.name, self.port = name, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = directory / f"chatd-{name}.log"
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chatd", "--port", str(port), "--data-dir", str(directory / name), *flags],
-                cwd=ROOT,
-                env={**os.environ, **env},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                start_new_session=True,  # Ctrl-C reaches it only through stop()
-            )
-
-    def wait_serving(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if select.select([self.proc.stdout], [], [], 0.1)[0] and "serving on" in self.proc.stdout.readline():
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chatd {self.name} exited: {self.log_path.read_text()[-2000:]}")
-        raise RuntimeError(f"chatd {self.name} did not start within {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Throwaway:
-    """Something started, with a stop() for the common clean-up."""
-
-    def __init__(self, stop) -> None:
-        self.stop = stop
+from redis_service import redis_missing, start_redis  # noqa: E402
+from services import ChatdProcess  # noqa: E402
 
 
 def main() -> int:
@@ -102,12 +57,13 @@ def main() -> int:
         redis = start_redis()
         started.append(redis)
         postgres = start_postgres()
-        started.append(Throwaway(postgres.destroy))
+        started.append(postgres)
         flags = ["--redis-url", redis.url, "--database-url", postgres.url, "--trusted-proxy", "127.0.0.1"]
-        processes = [Chatd(name, free_port(), flags, env, directory) for name in ("a", "b")]
-        started.extend(processes)
+        # Sessions of their own: Ctrl-C reaches them only through stop().
+        processes = [ChatdProcess(*flags, data_dir=directory / name / "data", env=env, new_session=True) for name in "ab"]
         for process in processes:
-            process.wait_serving()
+            started.append(process)
+            process.start(timeout=30)
         nginx = start_nginx([f"127.0.0.1:{p.port}" for p in processes], port=args.port)
         started.append(nginx)
         a, b = processes
@@ -127,9 +83,9 @@ Ctrl-C stops everything.""",
             flush=True,
         )
         while not stop:
-            for process in processes:
+            for name, process in zip("ab", processes):
                 if process.proc.poll() is not None:
-                    print(f"cluster: chatd {process.name} exited with status {process.proc.returncode}", file=sys.stderr)
+                    print(f"cluster: chatd {name} exited with status {process.proc.returncode}", file=sys.stderr)
                     stop = True
             time.sleep(0.2)
         print("\ncluster: stopping", flush=True)
@@ -139,7 +95,7 @@ Ctrl-C stops everything.""",
         return 1
     finally:
         for part in reversed(started):
-            part.stop()
+            part.destroy()
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from cryptography.fernet import Fernet
 
-from conftest import ChatdProcess
+from services import ChatdProcess
 from nginx_service import NginxService, nginx_missing, start_nginx
 from pg_service import create_database, drop_database
 from redis_service import RedisService, redis_missing, skip_or_fail, start_redis
@@ -29,22 +29,37 @@ from redis_service import RedisService, redis_missing, skip_or_fail, start_redis
 class Cluster:
     redis: RedisService
     database_url: str
-    a: ChatdProcess
-    b: ChatdProcess
-    nginx: NginxService
+    a: ChatdProcess | None
+    b: ChatdProcess | None
+    nginx: NginxService | None
     key: str
+    more: tuple[ChatdProcess, ...] = ()  # a third process and on, when asked for
 
     @property
-    def processes(self) -> tuple[ChatdProcess, ChatdProcess]:
-        return self.a, self.b
+    def processes(self) -> tuple[ChatdProcess, ...]:
+        return (self.a, self.b, *self.more)
+
+    def stop(self) -> None:
+        """Stop every part there is now (a test may have replaced one, e.g. a restarted Redis)."""
+        problems = []
+        for part in (self.nginx, *self.processes, self.redis):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception as exc:  # noqa: BLE001 - stop the others first
+                    problems.append(exc)
+        if problems:
+            raise problems[0]
 
 
 _numbers = itertools.count(1)
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, pg_server_url: str, *flags: str, balance: str | None = None) -> Iterator[Cluster]:
-    """Start everything (each process with `flags`, plus the shared URLs); stop it all afterwards.
+def running_cluster(
+    root: Path, pg_server_url: str, *flags: str, balance: str | None = None, processes: int = 2
+) -> Iterator[Cluster]:
+    """Start everything (`processes` chatds, each with `flags`, plus the shared URLs); stop it all afterwards.
 
     `balance`: nginx's balancing line instead of ip_hash (see nginx_service.server_block).
     """
@@ -54,19 +69,20 @@ def running_cluster(root: Path, pg_server_url: str, *flags: str, balance: str | 
     key = Fernet.generate_key().decode("ascii")
     database = f"chatd_cluster_{os.getpid()}_{next(_numbers)}"
     database_url = create_database(pg_server_url, database)
-    redis = start_redis()
-    started: list = [redis]
     try:
-        shared = ["--redis-url", redis.url, "--database-url", database_url, "--trusted-proxy", "127.0.0.1"]
-        a = ChatdProcess(*shared, *flags, data_dir=root / "a" / "data", env={"CHATD_SECRET_KEYS": key})
-        b = ChatdProcess(*shared, *flags, data_dir=root / "b" / "data", env={"CHATD_SECRET_KEYS": key})
-        for process in (a, b):
-            process.start()
-            started.append(process)
-        nginx = start_nginx([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], balance=balance)
-        started.append(nginx)
-        yield Cluster(redis, database_url, a, b, nginx, key)
+        cluster = Cluster(start_redis(), database_url, None, None, None, key)
+        try:
+            shared = ["--redis-url", cluster.redis.url, "--database-url", database_url, "--trusted-proxy", "127.0.0.1"]
+            env = {"CHATD_SECRET_KEYS": key}
+            cluster.a, cluster.b, *more = (
+                ChatdProcess(*shared, *flags, data_dir=root / name / "data", env=env) for name in "abcdefgh"[:processes]
+            )
+            cluster.more = tuple(more)
+            for process in cluster.processes:
+                process.start()
+            cluster.nginx = start_nginx([f"127.0.0.1:{p.port}" for p in cluster.processes], balance=balance)
+            yield cluster
+        finally:
+            cluster.stop()
     finally:
-        for part in reversed(started):
-            part.stop()
         drop_database(pg_server_url, database)

@@ -5,12 +5,9 @@ python-socketio's AsyncClient for sockets). Nothing here is mocked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
-import select
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,13 +19,66 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 
 from chatd.__main__ import SHUTDOWN_SECONDS
+from chatd.accounts import CHEAP_HASHES_ENV
 from chatd.config import Config
 from chatd.sessions import COOKIE_NAME
 from chatd.web import create_app
 from pg_service import pg_database_url, pg_server  # noqa: F401 (fixtures)
+from services import ROOT, ChatdProcess, free_port  # noqa: F401 (for the tests' imports)
 
-ROOT = Path(__file__).resolve().parent.parent
 EVENT_TIMEOUT = 3.0
+
+# argon2's cheapest parameters for every chatd the suite starts, in-process or as a
+# `python -m chatd` child (which inherits this environment): registrations, logins and
+# the start-up warm-up then cost microseconds, not ~0.1 s of CPU each. Tests whose point
+# is the cost of real hashing carry @pytest.mark.real_hashes (see chatd/accounts.py).
+os.environ.setdefault(CHEAP_HASHES_ENV, "1")
+
+
+@pytest.fixture(autouse=True)
+def _real_hashes(request, monkeypatch):
+    if request.node.get_closest_marker("real_hashes"):
+        monkeypatch.delenv(CHEAP_HASHES_ENV, raising=False)
+
+
+POSTGRES_FIXTURES = {"pg_server", "own_pg_server"}  # the suite's PostgreSQL, and test_storage's own
+
+
+def pytest_itemcollected(item):
+    """Marks from what a test uses (as each test is collected: before pytest-xdist reads them)."""
+    fixtures = item.fixturenames
+    # `postgres`: the test starts or uses a PostgreSQL of its own, whatever the suite's backend.
+    backend = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+    if POSTGRES_FIXTURES.intersection(fixtures) or backend == "postgres":
+        item.add_marker(pytest.mark.postgres)
+    defs = item._fixtureinfo.name2fixturedefs
+    module = Path(item.fspath).name
+    if module not in ONE_WORKER_MODULES and any(d[-1].scope == "module" for n in fixtures if (d := defs.get(n))):
+        raise RuntimeError(f"{module} has a module-scoped fixture: add it to ONE_WORKER_MODULES in {__file__}")
+
+
+# Modules whose tests share a module-scoped server (a cluster, a built wheel), which each
+# pytest-xdist worker running one of their tests would start again: each runs whole on one
+# worker; every other test is sent on its own. (pytest-xdist's `--dist loadgroup` would do
+# it from marks, but it renames node ids, which pytest 9 no longer lets it do.)
+ONE_WORKER_MODULES = {
+    "test_attacks.py", "test_cluster.py", "test_cluster_changes.py", "test_cluster_order.py",
+    "test_cluster_presence.py", "test_dist.py", "test_slow_readers.py",
+}  # fmt: skip
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":  # -n alone; an explicit --dist is left alone
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in ONE_WORKER_MODULES else nodeid
+
+    return OneWorkerModules(config, log)
 
 
 # -- an in-process chatd -------------------------------------------------------
@@ -51,12 +101,18 @@ if TEST_BACKEND not in ("sqlite", "postgres"):
     raise RuntimeError(f"CHATD_TEST_BACKEND={TEST_BACKEND!r}: expected sqlite or postgres")
 
 
+# The limit on new identities per address is off unless a test sets it: every test
+# client is 127.0.0.1, and many tests make more guests than one address's burst
+# (tests/test_guest_limit.py tests the limit itself, with small bursts).
+NO_GUEST_LIMIT = {"guest_rate": 0.0}
+
+
 @pytest.fixture
 def make_config(request, data_dir: Path, secret_key: str):
     backend = {"database_url": request.getfixturevalue("pg_database_url")} if TEST_BACKEND == "postgres" else {}
 
     def make(**overrides) -> Config:
-        return Config(**{"data_dir": data_dir, "secret_keys": (secret_key,), **backend, **overrides})
+        return Config(**{"data_dir": data_dir, "secret_keys": (secret_key,), **NO_GUEST_LIMIT, **backend, **overrides})
 
     return make
 
@@ -237,9 +293,32 @@ class SocketClient:
         await self.sio.emit(event, payload)
 
     async def close(self) -> None:
-        if self.sio.connected:
-            await self.sio.disconnect()
-        await self.sio.shutdown()
+        async with self.no_long_poll_wait():
+            if self.sio.connected:
+                await self.sio.disconnect()
+            await self.sio.shutdown()
+
+    @contextlib.asynccontextmanager
+    async def no_long_poll_wait(self):
+        """Inside: a disconnect over polling (ours, or python-socketio's own after a refused
+        connect) does not wait out the long-poll. python-engineio's client, once its CLOSE
+        is sent, waits for its pending GET, which the server answers only at its next ping
+        (pingInterval + 5 s: 30 s). A browser does not wait; neither do we: once the CLOSE
+        is out (the write loop has ended), ending the client's own HTTP session ends that GET."""
+
+        async def end_the_long_poll() -> None:
+            eio = self.sio.eio
+            while not (eio.state == "disconnecting" and eio.write_loop_task is None):  # the loop clears it as it ends
+                await asyncio.sleep(0.01)
+            if eio.current_transport == "polling" and eio.http is not None and not eio.http.closed:
+                await eio.http.close()
+
+        watcher = asyncio.ensure_future(end_the_long_poll())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
 
 
 async def connect_socket(
@@ -262,71 +341,34 @@ async def refusal(base_url: str, *, cookie: str | None, transport: str = "websoc
         all_headers["Cookie"] = f"{COOKIE_NAME}={cookie}"
     try:
         with pytest.raises(socketio.exceptions.ConnectionError):
-            await client.sio.connect(base_url, headers=all_headers, transports=[transport], wait_timeout=EVENT_TIMEOUT)
+            async with client.no_long_poll_wait():
+                await client.sio.connect(base_url, headers=all_headers, transports=[transport], wait_timeout=EVENT_TIMEOUT)
         # Socket.IO's refusal is a dict; a transport-level one (Engine.IO said no) is a bare string.
         return client.connect_error if isinstance(client.connect_error, dict) else None
     finally:
         await client.close()
 
 
+async def polling_handshake(base_url: str, *, cookie: str | None, headers: dict | None = None) -> list[str]:
+    """A handshake over long polling by hand (the client library lingers 30 s for its long
+    poll when it closes): the packets that answer the namespace CONNECT (`40{…` welcome,
+    `44{…` refused), or [] when Engine.IO refuses the open itself."""
+    all_headers = dict(headers or {})
+    if cookie is not None:
+        all_headers["Cookie"] = f"{COOKIE_NAME}={cookie}"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.get(base_url + "/socket.io/?EIO=4&transport=polling", headers=all_headers) as response:
+            opened = await response.text()
+        if response.status != 200:
+            return []
+        url = base_url + "/socket.io/?EIO=4&transport=polling&sid=" + json.loads(opened[1:])["sid"]
+        async with http.post(url, data="40", headers=all_headers) as response:
+            assert response.status == 200
+        async with http.get(url, headers=all_headers) as response:
+            return (await response.text()).split("\x1e")
+
+
 # -- chatd as a process ----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ChatdProcess:
-    """`python -m chatd` in a subprocess, as a user runs it."""
-
-    def __init__(self, *args: str, data_dir: Path, port: int | None = None, env: dict | None = None) -> None:
-        self.port = port or free_port()
-        self.data_dir = data_dir
-        # Logs go to a file, not a pipe: an unread pipe would block a chatty server.
-        self.log_path = data_dir.parent / f"chatd-{self.port}.log"
-        self.args = ["--port", str(self.port), "--data-dir", str(data_dir), *args]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> str:
-        """Start and wait for the 'serving on' line; the base URL."""
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chatd", *self.args],
-                cwd=ROOT,
-                env=self.env,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                if "serving on" in line:
-                    return self.url
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chatd exited {self.proc.returncode}: {self.proc_output}")
-        raise RuntimeError("chatd did not start in time")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.proc.stdout.close()
-
-    @property
-    def proc_output(self) -> str:
-        """Everything the process wrote to stderr (its log) so far."""
-        return self.log_path.read_text() if self.log_path.exists() else ""
 
 
 @pytest.fixture
@@ -353,6 +395,7 @@ class RawSocket:
 
     def __init__(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.http, self.ws = http, ws
+        self.welcome = ""  # the `welcome` packet, for an accepted socket
 
     @classmethod
     async def connect(cls, base_url: str, cookie: str | None) -> tuple[RawSocket, str]:
@@ -363,9 +406,10 @@ class RawSocket:
         raw = cls(http, ws)
         assert (await raw.recv()).startswith("0{")  # Engine.IO open
         await raw.send("40")
-        # chatd emits `welcome` from its connect handler, so it comes just before the CONNECT answer.
-        while (answer := await raw.recv()).startswith("42"):
-            pass
+        # The CONNECT answer comes first; an accepted socket's `welcome` follows it (kept as `welcome`).
+        answer = await raw.recv()
+        if answer.startswith("40"):
+            raw.welcome = await raw.recv_event('42["welcome"')
         return raw, answer
 
     async def send(self, text: str) -> None:

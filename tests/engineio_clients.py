@@ -32,7 +32,9 @@ class RawClient:
         self.query = dict(query or {})
         self.welcome: dict | None = None
         self.chats: list[dict] = []  # every `new chat`, in arrival order
+        self.changes: list[tuple[str, dict]] = []  # every `new chat`, `chat edited`, `chat deleted`, in order
         self.chat_arrived = asyncio.Event()
+        self.change_arrived = asyncio.Event()
         self.acks: dict[int, asyncio.Future] = {}
         self.next_ack = 0
         self.connected = asyncio.Event()
@@ -83,6 +85,9 @@ class RawClient:
             self.connected.set()
         elif packet.startswith("42["):
             event, data = json.loads(packet[2:])
+            if event in ("new chat", "chat edited", "chat deleted"):
+                self.changes.append((event, data))
+                self.change_arrived.set()
             if event == "new chat":
                 self.chats.append(data)
                 self.chat_arrived.set()

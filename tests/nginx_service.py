@@ -4,7 +4,7 @@
 deploy/nginx-chatd.conf (the same server block docs/deploy.md shows) into a
 temp dir — pid file, logs and temp paths there too — runs nginx in the
 foreground on a free loopback port, and returns an `NginxService` (its `url`,
-and `stop()`, which ends exactly that nginx by its PID and removes the dir).
+and `stop()`, which ends exactly that nginx by its PID and removes the dir; services.py).
 Runs as root (workers as root too, so they can use the temp dir) or as any user.
 """
 
@@ -15,12 +15,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from redis_service import free_port, skip_or_fail, wait_for_port
+from services import Service, free_port, skip_or_fail
 
 NGINX = Path(os.environ.get("CHATD_NGINX", "/usr/sbin/nginx"))
 SERVER_BLOCK = Path(__file__).resolve().parent.parent / "deploy" / "nginx-chatd.conf"
@@ -50,27 +49,18 @@ http {{
 """
 
 
-@dataclass
-class NginxService:
-    url: str
-    port: int
-    directory: Path
-    proc: subprocess.Popen
+class NginxService(Service):
+    name = "nginx"
+    stop_signal = signal.SIGTERM  # fast shutdown: open sockets are closed
+    remove_on_stop = True
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # fast shutdown: open sockets are closed
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.directory, ignore_errors=True)
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def error_log(self) -> str:
-        path = self.directory / "error.log"
-        return path.read_text() if path.exists() else ""
+        return self.log
 
 
 def nginx_missing() -> str | None:
@@ -109,18 +99,8 @@ def start_nginx(upstreams: list[str], port: int | None = None, balance: str | No
     if check.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)
         raise RuntimeError(f"nginx refused its config: {check.stderr.strip()}")
-    # A session of its own: a Ctrl-C meant for `make cluster` reaches it only through stop().
-    proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    service = NginxService(f"http://127.0.0.1:{port}", port, directory, proc)
-    try:
-        wait_for_port(port, proc, "nginx")
-    except Exception:
-        detail = service.error_log[-2000:]
-        service.stop()
-        raise RuntimeError(f"nginx did not start: {detail}") from None
-    return service
+    service = NginxService(args, port=port, directory=directory, log_path=directory / "error.log")
+    return service.start()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL for tests: Debian's initdb + pg_ctl in a temp dir, on a free port.
+"""A throwaway PostgreSQL for tests: Debian's initdb + postgres in a temp dir, on a free port (services.py).
 
 Reusable outside pytest:
 
@@ -21,13 +21,15 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 from yarl import URL
+
+from services import Service, free_port
 
 ENV_URL = "CHATD_TEST_DATABASE_URL"
 
@@ -42,25 +44,26 @@ def find_bin_dir() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class PgServer(Service):
+    """`postgres -D data` in the foreground (as the `postgres` user when we are root: initdb
+    refuses root), ready when its postmaster.pid says so."""
 
+    name = "PostgreSQL"
+    stop_signal = signal.SIGINT  # "fast" shutdown: ends open connections, then stops
 
-class PgServer:
     def __init__(self, *, fsync: bool = False, bin_dir: Path | None = None) -> None:
         self.bin_dir = bin_dir or find_bin_dir()
         if self.bin_dir is None:
             raise RuntimeError("PostgreSQL's initdb/pg_ctl not found (Debian package postgresql)")
         self.fsync = fsync
-        self.port = _free_port()
         self.root = Path(tempfile.mkdtemp(prefix="chatd-pg-"))
         self.data = self.root / "data"
-        self.as_postgres = os.geteuid() == 0
-        if self.as_postgres:
-            pw = pwd.getpwnam("postgres")
+        user = "postgres" if os.geteuid() == 0 else None
+        if user:
+            pw = pwd.getpwnam(user)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        super().__init__([str(self.bin_dir / "postgres"), "-D", str(self.data)], port=free_port(),
+                         directory=self.root, log_path=self.root / "log", cwd=self.root, user=user)  # fmt: skip
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
                   "--locale=C.UTF-8", "--no-sync")  # fmt: skip
         settings = {
@@ -82,24 +85,16 @@ class PgServer:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:
-        command = [str(self.bin_dir / tool), *args]
-        if self.as_postgres:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root)
+        subprocess.run([str(self.bin_dir / tool), *args], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, cwd=self.root, **self._as_user())  # fmt: skip
 
-    def start(self) -> PgServer:
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-t", "30", "start")
-        return self
-
-    def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
-
-    def destroy(self) -> None:
+    def ready(self) -> bool:
+        """postmaster.pid's 8th line is the server's status: "ready" once it accepts connections."""
         try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
+            lines = (self.data / "postmaster.pid").read_text().splitlines()
+        except FileNotFoundError:
+            return False
+        return len(lines) >= 8 and lines[7].strip() == "ready"
 
 
 def start_postgres(*, fsync: bool = False) -> PgServer:

@@ -19,6 +19,8 @@ from multidict import CIMultiDictProxy
 from chatd.sessions import COOKIE_NAME
 from conftest import Visitor, refusal
 
+pytestmark = pytest.mark.storage
+
 PASSWORD = "correct horse"
 ALLOWED = "https://chat.example.org"
 
@@ -272,6 +274,8 @@ async def test_logout_takes_an_empty_body_and_also_renews_a_guest(visitors, secr
 # -- 4. credentials and the login throttle ------------------------------------------------
 
 
+@pytest.mark.real_hashes  # the cost of real hashing is the point,
+@pytest.mark.serial  # measured on a machine no other test of ours is loading
 async def test_unknown_user_and_wrong_password_get_the_same_answer_in_about_the_same_time(visitors):
     owner = await visitors()
     await owner.register("Erin", PASSWORD)
@@ -401,6 +405,8 @@ async def test_a_live_socket_ends_when_its_session_expires(start_chatd, visitors
 # -- 6. hashing stays off the event loop -------------------------------------------------
 
 
+@pytest.mark.real_hashes  # the cost of real hashing is the point,
+@pytest.mark.serial  # measured on a machine no other test of ours is loading
 async def test_concurrent_logins_do_not_stall_chat(visitors):
     # Ten accounts, two logins each: more than 5 at once for one (username, address) would be throttled.
     owners = [await visitors() for _ in range(10)]

@@ -23,6 +23,8 @@ import pytest
 
 from conftest import ROOT, Visitor, free_port
 
+pytestmark = pytest.mark.browser
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 try:
@@ -713,3 +715,95 @@ async def test_a_big_room_shows_its_count_and_the_first_200_members(start_chatd,
             await expect(online(page).filter(has_text=re.compile("more$"))).to_have_count(0)
         finally:
             await asyncio.gather(*(member.close() for member in crowd), return_exceptions=True)
+
+
+# -- issue 21: edit, delete, the outbox, catching up with `since` ---------------------------
+
+
+async def test_edit_and_delete_ones_own_messages_everywhere_at_once(start_chatd, open_page):
+    url = await start_chatd()
+    alice = await online_now(await open_page(url, "alice"))
+    bob = await online_now(await open_page(url, "bob"))
+    await send(alice, "a typo heer")
+    await send(alice, "regrettable")
+    await send(bob, "bob's own")
+    await expect(message(bob, "regrettable")).to_have_count(1)
+    # Only one's own messages have the actions.
+    await expect(message(bob, "a typo heer").get_by_role("button", name="Edit")).to_have_count(0)
+    await expect(message(alice, "bob's own").get_by_role("button", name="Delete")).to_have_count(0)
+
+    typo = message(alice, "a typo heer")
+    await typo.hover()
+    await typo.get_by_role("button", name="Edit").click()
+    editor = alice.get_by_label(re.compile("^Edit message"))
+    await expect(editor).to_be_focused()
+    await expect(editor).to_have_value("a typo heer")
+    await editor.fill("never mind")
+    await editor.press("Escape")  # cancels: nothing changes
+    await expect(editor).to_have_count(0)
+    await expect(message(alice, "a typo heer")).to_have_count(1)
+
+    await typo.hover()
+    await typo.get_by_role("button", name="Edit").click()
+    await editor.fill("a typo here")
+    await editor.press("Enter")
+    for page in (alice, bob):
+        fixed = message(page, "a typo here")
+        await expect(fixed).to_have_count(1)
+        await expect(fixed).to_contain_text("(edited)")
+        await expect(message(page, "a typo heer")).to_have_count(0)
+    await screenshot(alice, "edited-desktop")
+
+    gone = message(alice, "regrettable")
+    await gone.hover()
+    await gone.get_by_role("button", name="Delete").click()
+    for page in (alice, bob):
+        await expect(message(page, "regrettable")).to_have_count(0)
+        assert await shown_texts(page) == ["a typo here", "bob's own"]
+    # A new page never sees it either.
+    carol = await online_now(await open_page(url, "carol"))
+    await expect(message(carol, "a typo here")).to_contain_text("(edited)")
+    assert await shown_texts(carol) == ["a typo here", "bob's own"]
+
+
+async def test_a_message_typed_while_the_server_is_down_appears_once_after_it_is_back(chatd_process, open_page):
+    """The outbox sends it with its client_id when the page is back; meanwhile another session
+    edited and deleted messages, which the page catches up with through `history` `since`."""
+    server = chatd_process("--log-level", "warning", port=free_port())
+    url = await asyncio.to_thread(server.start)
+    page = await online_now(await open_page(url, "writer"))
+    other = Visitor(url)
+    try:
+        sock = await other.socket()
+        edited = (await sock.call("send chat", {"msg": "to be edited"}))["id"]
+        deleted = (await sock.call("send chat", {"msg": "to be deleted"}))["id"]
+        await expect(message(page, "to be deleted")).to_have_count(1)
+        await sock.close()
+
+        open_page.watch.server_down = True
+        assert await asyncio.to_thread(server.stop) == 0
+        await expect(status(page)).to_have_text("Reconnecting")
+        await send(page, "typed while the server was down")
+        pending = page.locator(".outbox .message.pending")
+        await expect(pending).to_have_count(1)
+        await expect(pending).to_contain_text("typed while the server was down")
+        await screenshot(page, "outbox-pending-desktop")
+        # Keep the page away while the server is back and the other session changes things.
+        await page.context.set_offline(True)
+        await asyncio.to_thread(server.start)
+        sock = await other.socket()
+        assert (await sock.call("edit chat", {"room": "general", "id": edited, "msg": "edited meanwhile"}))["ok"]
+        assert (await sock.call("delete chat", {"room": "general", "id": deleted}))["ok"]
+        await page.context.set_offline(False)
+
+        await online_now(page)
+        open_page.watch.server_down = False
+        await expect(message(page, "typed while the server was down")).to_have_count(1)
+        await expect(pending).to_have_count(0)
+        await expect(message(page, "edited meanwhile")).to_contain_text("(edited)")
+        await expect(message(page, "to be deleted")).to_have_count(0)
+        assert await shown_texts(page) == ["edited meanwhile", "typed while the server was down"]
+        stored = (await sock.call("history", {"room": "general"}))["messages"]
+        assert [m["msg"] for m in stored].count("typed while the server was down") == 1
+    finally:
+        await other.close()

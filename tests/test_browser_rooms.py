@@ -21,7 +21,7 @@ from test_browser import (  # noqa: F401 (fixtures)
     send,
 )
 
-pytestmark = pytest.mark.storage
+pytestmark = pytest.mark.browser
 
 
 async def join(page, room: str) -> None:

@@ -21,6 +21,8 @@ from cluster_service import Cluster, running_cluster
 from conftest import RawSocket, SocketClient, Visitor, connect_socket, refusal
 from redis_service import redis_service, redis_url  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.cluster
+
 CHAT_BURST = 4
 CHAT_RATE = 0.05  # one token back every 20 s: no refill within a test
 END_WITHIN = 1.0  # SPEC: a session's sockets on every process are disconnected within 1 s
@@ -322,8 +324,9 @@ async def test_only_room_broadcasts_cross_redis_not_what_is_meant_for_one_socket
         # The stored message goes out once, as a control message every process's sequencer
         # reads (not also as an emit, which would reach the other process's sockets unordered).
         chats = [json.loads(data) for data in published if "for the room" in data]
-        assert len(chats) == 1 and chats[0][0] == "chatd" and chats[0][2] == "chat", published
-        assert chats[0][3] == {**chats[0][3], "id": ack["id"], "msg": "for the room"}
+        assert len(chats) == 1 and chats[0][0] == "chatd" and chats[0][2] == "change", published
+        assert chats[0][3]["kind"] == "new"
+        assert chats[0][3]["message"] == {**chats[0][3]["message"], "id": ack["id"], "msg": "for the room"}
         assert not any('"welcome"' in data or '"chat_error"' in data or '"new chat"' in data for data in published)
     finally:
         await pubsub.aclose()

@@ -30,6 +30,8 @@ import pytest
 from cluster_service import Cluster, running_cluster
 from engineio_clients import TRANSPORTS, RawClient, RawWebsocketClient
 
+pytestmark = pytest.mark.cluster
+
 SENDERS_PER_PROCESS = 6
 MESSAGES_PER_SENDER = 40
 LATE_JOINERS = 10
@@ -178,7 +180,7 @@ async def test_a_message_stored_but_never_published_is_fetched_by_every_process_
         lost = await storage.add_message(room, "ghost", None, "stored, never published", time.time())
         started = time.monotonic()
         ack = await sockets[0].call("send chat", {"room": room, "msg": "the next one"})
-        assert ack == {"ok": True, "id": lost["id"] + 1}
+        assert ack == {"ok": True, "id": lost["id"] + 1, "rev": lost["rev"] + 1}
         for socket in sockets:
             first, second = await socket.next("new chat"), await socket.next("new chat")
             assert (first, second["id"], second["msg"]) == (lost, ack["id"], "the next one")

@@ -14,83 +14,34 @@ import json
 import re
 import signal
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography.fernet import Fernet
 
 from chatd.presence.redis import ALIVE_SECONDS, CHANNEL, HEARTBEAT_SECONDS, PREFIX
 from conftest import ChatdProcess, SocketClient, Visitor, apply_presence, by_name, connect_socket
-from nginx_service import NginxService, nginx_missing, start_nginx
-from pg_service import create_database, drop_database
-from redis_service import RedisService, redis_missing, redis_service, skip_or_fail, start_redis  # noqa: F401 (fixture)
+from cluster_service import Cluster, running_cluster
+from redis_service import redis_service, start_redis  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.cluster
 
 HEARD_WITHIN = 1.0  # SPEC: a room's change reaches every socket within 1 s, on every process
 DEAD_GONE_WITHIN = 15.0  # SPEC: a killed process's sessions leave within 15 s
 
-
-@dataclass
-class Cluster:
-    redis: RedisService
-    database_url: str
-    a: ChatdProcess
-    b: ChatdProcess
-    nginx: NginxService
-
-    @property
-    def processes(self) -> tuple[ChatdProcess, ChatdProcess]:
-        return self.a, self.b
-
-    def stop(self) -> None:
-        for part in (self.nginx, self.a, self.b, self.redis):
-            if part is not None:
-                try:
-                    part.stop()
-                except Exception:
-                    pass
-
-
-def start_cluster(root: Path, pg_server, name: str) -> Cluster:
-    for missing in (redis_missing(), nginx_missing()):
-        if missing:
-            skip_or_fail(missing + " — `make system-deps` as root installs it")
-    server_url, _ = pg_server
-    database_url = create_database(server_url, name)
-    env = {"CHATD_SECRET_KEYS": Fernet.generate_key().decode("ascii")}
-    cluster = Cluster(start_redis(), database_url, None, None, None)  # type: ignore[arg-type]
-    try:
-        flags = ["--redis-url", cluster.redis.url, "--database-url", database_url]
-        flags += ["--trusted-proxy", "127.0.0.1", "--metrics", "--chat-rate", "0"]
-        cluster.a = ChatdProcess(*flags, data_dir=root / "a" / "data", env=env)
-        cluster.b = ChatdProcess(*flags, data_dir=root / "b" / "data", env=env)
-        for process in cluster.processes:
-            process.start()
-        cluster.nginx = start_nginx([f"127.0.0.1:{cluster.a.port}", f"127.0.0.1:{cluster.b.port}"])
-    except BaseException:
-        cluster.stop()
-        drop_database(server_url, name)
-        raise
-    return cluster
+FLAGS = ("--metrics", "--chat-rate", "0")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, pg_server):
-    made = start_cluster(tmp_path_factory.mktemp("presence-cluster"), pg_server, "chatd_presence_cluster")
-    yield made
-    made.stop()
-    drop_database(pg_server[0], "chatd_presence_cluster")
+    with running_cluster(tmp_path_factory.mktemp("presence-cluster"), pg_server[0], *FLAGS) as made:
+        yield made
 
 
 @pytest.fixture
 def fresh_cluster(tmp_path, pg_server):
     """A cluster of its own, for a test that stops one of its processes."""
-    name = re.sub(r"[^a-z0-9_]", "_", f"chatd_presence_{tmp_path.name.lower()}")[:60]
-    made = start_cluster(tmp_path, pg_server, name)
-    yield made
-    made.stop()
-    drop_database(pg_server[0], name)
+    with running_cluster(tmp_path, pg_server[0], *FLAGS) as made:
+        yield made
 
 
 @pytest.fixture
@@ -145,8 +96,11 @@ async def redis_members(cluster: Cluster, room: str) -> dict[str, int]:
 
     redis = Redis.from_url(cluster.redis.url)
     try:
-        holders = await redis.hgetall(f"{PREFIX}room:{room}:holders")
-        members = await redis.hkeys(f"{PREFIX}room:{room}:members")
+        # One transaction: both read at the same moment, never across a script of chatd's.
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(f"{PREFIX}room:{room}:holders")
+            pipe.hkeys(f"{PREFIX}room:{room}:members")
+            holders, members = await pipe.execute()
     finally:
         await redis.aclose()
     assert sorted(holders) == sorted(members)

@@ -14,11 +14,14 @@ from cryptography.fernet import Fernet, InvalidToken
 from chatd.sessions import COOKIE_NAME
 from conftest import RawSocket, Visitor, connect_socket, refusal
 
-MESSAGE_FIELDS = {"id": int, "room": str, "name": str, "msg": str, "ts": float, "mentions": list}
+pytestmark = pytest.mark.storage
+
+MESSAGE_FIELDS = {"id": int, "room": str, "name": str, "msg": str, "ts": float, "rev": int, "mentions": list}
 
 
 def assert_message(message: dict, *, msg: str, name: str, room: str = "general") -> None:
-    assert set(message) == {*MESSAGE_FIELDS, "account"}
+    assert set(message) == {*MESSAGE_FIELDS, "account", "edited"}
+    assert message["edited"] is None or isinstance(message["edited"], float)
     for key, kind in MESSAGE_FIELDS.items():
         assert isinstance(message[key], kind), (key, message)
     assert message["account"] is None or isinstance(message["account"], str)
@@ -109,7 +112,8 @@ async def test_send_chat_reaches_every_client_in_the_room_and_is_acked_with_its_
     await bob_socket.next("welcome")
 
     ack = await alice_socket.call("send chat", {"msg": "  hello, world  "})
-    assert ack == {"ok": True, "id": ack["id"]} and isinstance(ack["id"], int)
+    assert ack == {"ok": True, "id": ack["id"], "rev": ack["rev"]} and isinstance(ack["id"], int)
+    assert isinstance(ack["rev"], int)
     for socket in (alice_socket, bob_socket):
         message = await socket.next("new chat")
         assert_message(message, msg="hello, world", name=alice_name)

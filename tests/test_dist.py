@@ -10,18 +10,17 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import select
-import signal
 import subprocess
 import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from conftest import ROOT, Visitor, free_port
+from conftest import ROOT, ChatdProcess, Visitor
+
+pytestmark = pytest.mark.dist
 
 # The interpreter under the test virtualenv: "Python 3.11+ and nothing else".
 BARE_PYTHON = getattr(sys, "_base_executable", sys.executable)
@@ -46,34 +45,15 @@ def outside_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-class Served:
-    """A chatd started by a command line, in a folder of its own."""
+class Served(ChatdProcess):
+    """A chatd started by a command line (an installed `chatd`, the zipapp), in a folder of
+    its own, with exactly `env` as its environment."""
 
     def __init__(self, command: list[str], cwd: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.log = cwd / "chatd.log"
-        self.proc = subprocess.Popen(
-            [*command, "--port", str(self.port), "--data-dir", str(cwd / "data")],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(data_dir=cwd / "data", command=tuple(command), cwd=cwd, base_env=env)
 
     def wait_until_serving(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if select.select([self.proc.stdout], [], [], 0.2)[0] and "serving on" in self.proc.stdout.readline():
-                return
-            if self.proc.poll() is not None:
-                break
-        raise AssertionError(f"chatd did not start: {self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(10)
-        finally:
-            self.proc.stdout.close()
+        self.start(timeout)
 
 
 class References(HTMLParser):

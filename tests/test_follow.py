@@ -254,6 +254,46 @@ async def test_mentions_stop_at_20_and_count_in_the_mentioned_accounts_room_stat
     assert (state["unread"], state["mentions"]) == (0, 0)
 
 
+async def test_an_edit_recomputes_mentions_and_a_deleted_message_is_no_longer_unread(visitors):
+    reader_visitor = await visitors()
+    await reader_visitor.register("Dora")
+    reader, _ = await tab(reader_visitor)
+    writer_visitor = await visitors()
+    await writer_visitor.register("eve")
+    writer, _ = await tab(writer_visitor)
+    first = await send(writer, "general", "hello @dora")
+    second = await send(writer, "general", "plain")
+    state = await reader.call("join", {"room": "general"})
+    assert (state["unread"], state["mentions"]) == (2, 1)
+    # An edit that adds the mention: the room gets the Message with it, and it counts.
+    ack = await writer.call("edit chat", {"room": "general", "id": second, "msg": "now @DORA too"})
+    assert ack["ok"] is True, ack
+    edited = await reader.next("chat edited")
+    assert edited["id"] == second and edited["mentions"] == ["Dora"] and edited["edited"] is not None
+    state = await reader.call("join", {"room": "general"})
+    assert (state["unread"], state["mentions"]) == (2, 2)
+    # One that removes it: no longer counted.
+    assert (await writer.call("edit chat", {"room": "general", "id": first, "msg": "hello all"}))["ok"] is True
+    assert (await reader.next("chat edited"))["mentions"] == []
+    state = await reader.call("join", {"room": "general"})
+    assert (state["unread"], state["mentions"]) == (2, 1)
+    # A deleted message is no longer unread, nor a mention.
+    assert (await writer.call("delete chat", {"room": "general", "id": second}))["ok"] is True
+    state = await reader.call("join", {"room": "general"})
+    assert (state["last_id"], state["read_id"], state["unread"], state["mentions"]) == (2, 0, 1, 0)
+
+
+async def test_a_resent_client_id_moves_no_marker_and_tells_no_other_tab(visitors):
+    guest = await visitors()
+    tab1, _ = await tab(guest)
+    tab2, _ = await tab(guest)
+    ack = await tab1.call("send chat", {"room": "general", "msg": "once", "client_id": "c-1"})
+    assert await tab2.next("room state", timeout=WITHIN) == room_state("general", ack["id"], ack["id"])
+    again = await tab1.call("send chat", {"room": "general", "msg": "once", "client_id": "c-1"})
+    assert again == {"ok": True, "id": ack["id"], "rev": ack["rev"]}
+    await tab2.nothing("room state")
+
+
 # -- typing -----------------------------------------------------------------------------------
 
 

@@ -19,11 +19,14 @@ import logging
 import string
 
 import aiohttp
+import pytest
 import socketio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import RawSocket, SocketClient, Visitor
+
+pytestmark = pytest.mark.storage
 
 EVENTS = ["send chat", "join", "leave", "history", "read", "typing"]
 KNOWN_ERRORS = {"invalid_request", "invalid_message", "invalid_room", "not_in_room", "too_many_rooms"}
@@ -60,7 +63,9 @@ FIELDS = {
     "send chat": [("msg", str, True), ("room", str, False)],
     "join": [("room", str, True)],
     "leave": [("room", str, True)],
-    "history": [("room", str, True), ("before", int, False), ("after", int, False), ("limit", int, False)],
+    "history": [
+        ("room", str, True), ("before", int, False), ("after", int, False), ("since", int, False), ("limit", int, False)
+    ],
     "read": [("room", str, True), ("id", int, True)],
     "typing": [("room", str, True)],
 }
@@ -84,8 +89,10 @@ def expected(event: str, payload, joined: set[str]) -> set[str]:
     if event == "send chat" and not valid_text(payload["msg"].strip()):
         value_errors.add("invalid_message")
     if event == "history":
-        before, after, limit = (payload.get(k) for k in ("before", "after", "limit"))
+        before, after, since, limit = (payload.get(k) for k in ("before", "after", "since", "limit"))
         if (before is not None and after is not None) or any(v is not None and v <= 0 for v in (before, after)):
+            value_errors.add("invalid_request")
+        if since is not None and (since < 0 or before is not None or after is not None):
             value_errors.add("invalid_request")
         if limit is not None and not 1 <= limit <= 100:
             value_errors.add("invalid_request")
@@ -102,6 +109,8 @@ def expected(event: str, payload, joined: set[str]) -> set[str]:
 
 def expected_history(ids: list[int], payload: dict) -> list[int]:
     limit = payload.get("limit") or 50
+    if payload.get("since") is not None:  # only sends here, so every message's rev is its id
+        return [i for i in ids if i > payload["since"]][:limit]
     if payload.get("after") is not None:
         return [i for i in ids if i > payload["after"]][:limit]
     if payload.get("before") is not None:
@@ -155,6 +164,7 @@ field_values = {
     "room": mostly(room_names, json_values, tenths=8),
     "before": mostly(ids, json_values),
     "after": mostly(ids, json_values),
+    "since": mostly(ids, json_values, tenths=4),
     "limit": mostly(st.integers(min_value=-1, max_value=102), json_values),
     "id": mostly(ids, json_values),
 }
@@ -240,7 +250,7 @@ class Fuzzing:
         assert outcome == {"ok"}, (outcome, ack)
         room = "general" if payload.get("room") is None else payload["room"]
         if event == "send chat":
-            assert set(ack) == {"ok", "id"} and is_int(ack["id"]), ack
+            assert set(ack) == {"ok", "id", "rev"} and is_int(ack["id"]) and is_int(ack["rev"]), ack
             await self.delivered(ack["id"], room, payload["msg"].strip())
         elif event == "join":
             fields = {"ok", "room", "topic", "history", "online", "online_count", "last_id", "read_id", "unread", "mentions"}
@@ -260,7 +270,7 @@ class Fuzzing:
         elif event == "typing":
             assert ack == {"ok": True}
         else:
-            assert set(ack) == {"ok", "messages"}, ack
+            assert set(ack) == {"ok", "messages", "rev"}, ack
             assert all(m["room"] == room for m in ack["messages"])
             assert [m["id"] for m in ack["messages"]] == expected_history(self.room_ids.get(room, []), payload)
 
@@ -338,6 +348,9 @@ async def test_random_payloads_at_every_event_get_their_answer_and_disturb_nobod
     @example(step=("history", {"room": "general", "after": 2**64, "x": "\ud800"}, False))
     @example(step=("history", {"room": "general", "limit": True}, True))
     @example(step=("history", {"room": "general", "limit": float("nan")}, True))
+    @example(step=("history", {"room": "general", "since": 0, "limit": 3}, True))
+    @example(step=("history", {"room": "general", "since": -1}, True))
+    @example(step=("history", {"room": "general", "since": 2, "after": 1}, False))
     @example(step=("join", {"room": "abc\n"}, False))
     @example(step=("join", [{"room": "general"}], True))
     @example(step=("leave", None, False))
@@ -373,7 +386,7 @@ async def test_random_payloads_at_every_event_get_their_answer_and_disturb_nobod
 # -- frames no client library sends ---------------------------------------------------------
 
 
-async def test_undecodable_and_binary_frames_are_dropped_quietly_and_the_socket_keeps_working(
+async def test_undecodable_frames_close_their_connection_and_binary_ones_are_dropped_quietly(
     visitors, base_url, caplog
 ):
     caplog.set_level(logging.WARNING)
@@ -381,15 +394,25 @@ async def test_undecodable_and_binary_frames_are_dropped_quietly_and_the_socket_
     await bystander.next("welcome")
     visitor = await visitors()
     await visitor.session()
+    # Socket.IO packets inside Engine.IO messages ("4…"); the number after the type is the ack id.
+    # What does not decode breaks the protocol: that connection is closed, quietly, and only it.
+    for frame in (
+        '421["join",' + "[" * 5000 + "]" * 5000 + "]",  # deeper than any JSON parser goes
+        '422["join",{"room":' + "9" * 6000 + "}]",  # more digits than Python reads as an int
+        '423["join",{"room":"x"',  # cut short
+        "4Z",  # no such packet type
+    ):
+        raw, connected = await RawSocket.connect(base_url, visitor.cookie)
+        try:
+            assert connected.startswith("40")
+            await raw.send(frame)
+            assert await raw.recv_event("never") == "", frame[:20]  # closed by the server
+        finally:
+            await raw.close()
     raw, connected = await RawSocket.connect(base_url, visitor.cookie)
     try:
         assert connected.startswith("40")
-        # Socket.IO packets inside Engine.IO messages ("4…"); the number after the type is the ack id.
         for frame in (
-            '421["join",' + "[" * 5000 + "]" * 5000 + "]",  # deeper than any JSON parser goes
-            '422["join",{"room":' + "9" * 6000 + "}]",  # more digits than Python reads as an int
-            '423["join",{"room":"x"',  # cut short
-            "4Z",  # no such packet type
             '439["an ack nobody asked for"]',
             '451-4["join",{"_placeholder":true,"num":0}]',  # a binary event: its header…
         ):
@@ -402,10 +425,10 @@ async def test_undecodable_and_binary_frames_are_dropped_quietly_and_the_socket_
         answers = []
         while not answers or answers[-1][0] != 6:
             packet = await raw.recv()
+            assert packet != "", answers  # still open
             if packet.startswith("43"):
                 answers.append((int(packet[2]), json.loads(packet[3:])[0]))
-        # The undecodable frames got no answer (there is no telling what they asked);
-        # binary payloads are not JSON: invalid_request; and the connection is still good.
+        # Binary payloads are not JSON: invalid_request; and the connection is still good.
         assert [number for number, _ in answers] == [4, 5, 6], answers
         assert answers[0][1]["error"] == answers[1][1]["error"] == "invalid_request", answers
         assert answers[2][1]["ok"] is True and answers[2][1]["room"] == "after-the-noise", answers

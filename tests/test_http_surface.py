@@ -21,6 +21,8 @@ import yarl
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+pytestmark = pytest.mark.storage
+
 API_ROUTES = {
     "/api/session": {"GET", "HEAD"},
     "/api/register": {"POST"},

@@ -19,11 +19,11 @@ import aiohttp.http_writer
 import aiohttp.web
 import engineio
 import socketio
-from engineio import async_server, async_socket, base_socket
+from engineio import async_server, async_socket, base_server, base_socket
 from engineio.async_drivers import aiohttp as engineio_aiohttp
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
-from chatd.sio.engine import DirectSocket, EngineServer
+from chatd.sio.engine import DirectSocket, EngineServer, EngineSocket
 from chatd.sio.managers import FastBroadcastMixin
 
 from conftest import ROOT
@@ -40,12 +40,39 @@ def source(obj) -> str:
 def test_engineio_creates_plain_sockets_and_hands_the_websocket_its_bound_handler():
     # DirectWebSocket finds the engine.io socket as `handler.__self__` and, for a
     # websocket-first connection, switches it to DirectSocket (no __slots__ anywhere).
-    assert "async_socket.AsyncSocket(self, sid)" in source(async_server.AsyncServer._handle_connect)
     assert "self._websocket_handler, self.server)" in source(async_socket.AsyncSocket._upgrade_websocket)
     assert "self.connected = True" in source(async_socket.AsyncSocket._websocket_handler)
     for cls in async_socket.AsyncSocket.__mro__[:-1]:
         assert "__slots__" not in vars(cls), cls
-    assert DirectSocket.__mro__[1] is async_socket.AsyncSocket
+    assert DirectSocket.__mro__[1:3] == (EngineSocket, async_socket.AsyncSocket)
+
+
+def test_engineio_session_opening_and_requests_are_what_engine_py_repeats_and_guards():
+    # EngineServer._open_session repeats engine.io's _handle_connect with its own socket class.
+    connect = source(async_server.AsyncServer._handle_connect)
+    for step in (
+        "self.service_task_handle = self.start_background_task(\n                self._service_task)",
+        "s = async_socket.AsyncSocket(self, sid)",
+        "self.sockets[sid] = s",
+        "'pingInterval': int(\n                self.ping_interval + self.ping_interval_grace_period) * 1000,",
+        "ret = await self._trigger_event('connect', sid, environ,\n                                        run_async=False)",
+        "s.schedule_ping()",
+        "ret = await s.handle_get_request(environ)",
+        "s.connected = True",
+        "return self._ok(await s.poll(), headers=headers,",
+    ):
+        assert step in connect, step
+    # What the overrides of handle_request, _ok and handle_post_request stand in for.
+    request = source(async_server.AsyncServer.handle_request)
+    assert "transport = query.get('transport', ['polling'])[0]" in request
+    assert "await socket.handle_post_request(environ)\n                        r = self._ok(" in request
+    assert "except exceptions.EngineIOError:\n                        if sid in self.sockets:" in request
+    assert "'response': b'OK'}" in source(base_server.BaseServer._ok)
+    post = source(async_socket.AsyncSocket.handle_post_request)
+    assert "(await environ['wsgi.input'].read(length)).decode('utf-8')" in post
+    assert "payload.Payload(encoded_payload=body)" in post
+    assert "return [packet.Packet(packet.NOOP)]" in source(async_socket.AsyncSocket.handle_get_request)
+    assert "if packets == [None]:" in source(async_socket.AsyncSocket.poll)
 
 
 def test_engineio_socket_state_and_methods_we_use():
@@ -337,3 +364,13 @@ def test_chatd_refuses_an_untested_library_version_with_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "aiohttp 3.99.0" in lines[0] and ">=3.14.0,<3.15" in lines[0], result.stderr
+
+
+def test_engineio_queues_come_from_create_queue_and_asyncio_queues_put_and_get_through_the_nowait_methods():
+    # BoundedQueue (engine.py) counts the packets waiting for a slow reader in these two methods.
+    import asyncio
+
+    assert "self.queue = self.server.create_queue()" in source(base_socket.BaseSocket.__init__)
+    assert "self.put_nowait(item)" in source(asyncio.Queue.put)
+    assert "self.get_nowait()" in source(asyncio.Queue.get)
+    assert "_drain_helper()" in source(aiohttp.http_writer.StreamWriter.drain)

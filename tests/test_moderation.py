@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from chatd.storage.audit import read_postgres, read_sqlite
 from conftest import TEST_BACKEND, SocketClient, Visitor
 
 pytestmark = pytest.mark.storage
@@ -22,11 +23,17 @@ WITHIN = 1.0  # SPEC: every action takes effect on every process within 1 s
 
 
 @pytest.fixture
-async def chat(start_chatd, visitors):
+async def chat(start_chatd, visitors, data_dir, request):
     """A chatd with operator `root`; `await chat.account("alice")` → (visitor, socket, welcome)."""
     url = await start_chatd(operators=("root",))
 
     class Chat:
+        async def storage_audit(self) -> list[dict]:
+            """The audit log, newest first, as `python -m chatd audit` reads it."""
+            if TEST_BACKEND == "postgres":
+                return await read_postgres(request.getfixturevalue("pg_database_url"), None, 50)
+            return await asyncio.to_thread(read_sqlite, data_dir, None, 50)
+
         async def account(self, name: str) -> tuple[Visitor, SocketClient, dict]:
             visitor = await visitors(url)
             await visitor.register(name)
@@ -45,6 +52,14 @@ async def ok(socket: SocketClient, event: str, payload: dict) -> dict:
     ack = await socket.call(event, payload)
     assert ack["ok"] is True, (event, payload, ack)
     return ack
+
+
+async def receive(socket: SocketClient, event: str, predicate, timeout: float = WITHIN):
+    deadline = time.monotonic() + timeout
+    while True:
+        item = await socket.next(event, timeout=max(0.01, deadline - time.monotonic()))
+        if predicate(item):
+            return item
 
 
 async def refused(socket: SocketClient, event: str, payload, code: str) -> dict:
@@ -167,6 +182,31 @@ async def test_a_ban_keeps_a_guest_out_of_join_history_and_the_directory_until_l
     await ok(alice, "ban", {"room": "den", "member": welcome["id"], "on": False})
     await ok(guest, "join", {"room": "den"})
     assert [m["msg"] for m in (await ok(guest, "history", {"room": "den"}))["messages"]] == ["hello"]
+
+
+async def test_moderators_delete_any_message_there_and_the_log_keeps_its_id_not_its_text(chat):
+    _, alice, _ = await chat.account("alice")  # the owner
+    _, bob, _ = await chat.account("bob")
+    _, guest, welcome = await chat.guest()
+    for socket in (alice, bob, guest):
+        await ok(socket, "join", {"room": "den"})
+    sent = await ok(guest, "send chat", {"room": "den", "msg": "secret spam"})
+    mine = await ok(alice, "send chat", {"room": "den", "msg": "mine"})
+    await refused(bob, "delete chat", {"room": "den", "id": sent["id"]}, "forbidden")
+    deleted = await ok(alice, "delete chat", {"room": "den", "id": sent["id"]})
+    event = await receive(guest, "chat deleted", lambda e: e["id"] == sent["id"])
+    assert event == {"room": "den", "id": sent["id"], "rev": deleted["rev"]}
+    await ok(alice, "delete chat", {"room": "den", "id": mine["id"]})  # its own: not a moderation action
+    log = await chat.storage_audit()
+    assert [(e["actor"], e["action"], e["room"], e["message_id"]) for e in log] == [
+        ("alice", "delete", "den", sent["id"])
+    ]
+    assert "secret spam" not in repr(log)
+    # A muted author cannot edit its messages there either.
+    again = await ok(guest, "send chat", {"room": "den", "msg": "first"})
+    await ok(alice, "mute", {"room": "den", "member": welcome["id"], "seconds": 60})
+    ack = await refused(guest, "edit chat", {"room": "den", "id": again["id"], "msg": "edited"}, "muted")
+    assert 59 <= ack["retry_after"] <= 60
 
 
 # -- topics and the directory -----------------------------------------------------------------
@@ -329,7 +369,8 @@ async def test_odd_payloads_get_an_error_code_and_never_an_internal_error(chat):
     odd = [None, [], "den", 5, {}, {"room": None}, {"room": 5}, {"room": "den", "member": ""},
            {"room": "den", "username": "", "seconds": 1, "on": 1}, {"room": "@alice+bob", "topic": "x"},
            {"room": "den", "member": "a" * 65, "on": False}, {"room": "den", "username": "alice\x00", "on": True},
-           {"room": "den", "topic": "\ud800", "query": "\ud800"}, {"query": 5}, {"query": "%_", "limit": 0}]  # fmt: skip
+           {"room": "den", "topic": "\ud800", "query": "\ud800"}, {"room": "den", "topic": "a\x00", "query": "\x00"},
+           {"query": 5}, {"query": "%_", "limit": 0}]  # fmt: skip
     for event in ("rooms", "topic", "moderator", "mute", "kick", "ban"):
         for payload in odd:
             ack = await alice.call(event, payload)

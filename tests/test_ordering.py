@@ -1,6 +1,6 @@
-"""chatd.ordering.Sequencer over chatd's real SQLite storage: messages fed in any
+"""chatd.ordering.Sequencer over chatd's real SQLite storage: changes fed in any
 order and with repeats (as Redis hands several processes' publications to one
-process) come out once each, in id order; a missing one is fetched from storage
+process) come out once each, in rev order; a missing one is fetched from storage
 after the hold. Two processes through Redis and nginx: tests/test_cluster_order.py."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from chatd.ordering import Sequencer
+from chatd.ordering import Sequencer, change
 from chatd.storage.sqlite import SqliteStorage
 
 HOLD = 0.2
@@ -28,10 +28,13 @@ async def storage(tmp_path):
 class Recorder:
     def __init__(self) -> None:
         self.delivered: list[dict] = []
+        self.kinds: list[str] = []
         self.times: dict[int, float] = {}
         self.arrived = asyncio.Event()
 
-    async def __call__(self, message: dict) -> None:
+    async def __call__(self, published: dict) -> None:
+        message = published["message"]
+        self.kinds.append(published["kind"])
         self.delivered.append(message)
         self.times[message["id"]] = time.monotonic()
         self.arrived.set()
@@ -47,8 +50,12 @@ class Recorder:
             await asyncio.wait_for(self.arrived.wait(), max(0.01, deadline - time.monotonic()))
 
 
+def new(message: dict) -> dict:
+    return change("new", message)
+
+
 async def store(storage, count: int, room: str = "general") -> list[dict]:
-    return [await storage.add_message(room, "alice", None, f"m{i}", time.time()) for i in range(count)]
+    return [await storage.add_message(room, "alice", None, f"m{i}", time.time(), author="a:alice") for i in range(count)]
 
 
 async def test_messages_out_of_order_come_out_in_order_without_waiting(storage):
@@ -58,7 +65,7 @@ async def test_messages_out_of_order_come_out_in_order_without_waiting(storage):
     messages = await store(storage, 4)
     started = time.monotonic()
     for i in (1, 3, 2, 0):
-        await sequencer.receive(messages[i])
+        await sequencer.receive(new(messages[i]))
     assert recorder.ids == [1, 2, 3, 4]
     assert time.monotonic() - started < HOLD  # every gap closed by arrival: no hold, no fetch
     assert recorder.delivered == messages
@@ -70,7 +77,7 @@ async def test_duplicates_are_dropped(storage):
     await sequencer.enter("general", _nothing)
     messages = await store(storage, 3)
     for i in (0, 0, 2, 2, 1, 0, 1, 2):
-        await sequencer.receive(messages[i])
+        await sequencer.receive(new(messages[i]))
     assert recorder.ids == [1, 2, 3]
 
 
@@ -81,14 +88,14 @@ async def test_a_message_that_never_arrives_is_fetched_from_storage_after_the_ho
     messages = await store(storage, 5)
     received = time.monotonic()
     for i in (0, 2, 4):  # 2 and 4 never come by themselves
-        await sequencer.receive(messages[i])
+        await sequencer.receive(new(messages[i]))
     assert recorder.ids == [1]
     await recorder.wait_for(5)
     assert recorder.delivered == messages
     waited = recorder.times[2] - received
     assert HOLD * 0.9 <= waited < HOLD + 1.0, waited
-    await sequencer.receive(messages[1])  # the late one, when it comes at last, is a duplicate
-    await sequencer.receive(messages[3])
+    await sequencer.receive(new(messages[1]))  # the late one, when it comes at last, is a duplicate
+    await sequencer.receive(new(messages[3]))
     assert recorder.ids == [1, 2, 3, 4, 5]
 
 
@@ -98,14 +105,14 @@ async def test_a_room_starts_from_what_storage_holds_when_first_needed(storage):
     sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
     # A process that has just started: what storage has is history, not news.
     assert await sequencer.enter("general", _nothing) == 5
-    new = await store(storage, 3)
-    for message in (new[2], old[2], new[0], old[4], new[1]):
-        await sequencer.receive(message)
+    fresh = await store(storage, 3)
+    for message in (fresh[2], old[2], fresh[0], old[4], fresh[1]):
+        await sequencer.receive(new(message))
     assert recorder.ids == [6, 7, 8]
     # A room first seen through a message starts from storage too (no socket here
     # needed the older ones), so the next one is not held.
     other = await store(storage, 2, room="other")
-    await sequencer.receive(other[1])
+    await sequencer.receive(new(other[1]))
     assert sequencer.watermark("other") == other[1]["id"]
     assert recorder.ids == [6, 7, 8]
 
@@ -115,11 +122,12 @@ async def test_gaps_in_a_rooms_ids_delay_but_never_stall_delivery(storage):
     recorder = Recorder()
     sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
     await sequencer.enter("general", _nothing)
-    rows = [("general", 1, "a", None, "one", time.time(), None, None), ("general", 3, "a", None, "two", time.time(), None, None)]
+    rows = [("general", 1, "a", None, "one", time.time(), 1, None, None, 0, None),
+            ("general", 3, "a", None, "two", time.time(), 3, None, None, 0, None)]  # fmt: skip
     await storage.load("messages", rows)
     first, second = await storage.history("general")
-    await sequencer.receive(first)
-    await sequencer.receive(second)  # id 3: held, as 2 might be on its way
+    await sequencer.receive(new(first))
+    await sequencer.receive(new(second))  # id 3: held, as 2 might be on its way
     assert recorder.ids == [1]
     await recorder.wait_for(2)
     assert recorder.ids == [1, 3]
@@ -137,7 +145,7 @@ async def test_many_messages_from_two_sources_in_any_order_each_come_out_once_in
         window = stream[start : start + 20]
         rng.shuffle(window)
         stream[start : start + 20] = window
-    await asyncio.gather(*(sequencer.receive(m) for m in stream))
+    await asyncio.gather(*(sequencer.receive(new(m)) for m in stream))
     assert recorder.ids == list(range(1, 201))
 
 
@@ -146,7 +154,8 @@ async def test_a_socket_entering_a_room_gets_history_up_to_the_watermark_and_eve
     inside: set[str] = set()
     seen_live: list[int] = []
 
-    async def deliver(message: dict) -> None:
+    async def deliver(published: dict) -> None:
+        message = published["message"]
         await asyncio.sleep(0.001)  # a delivery that suspends, as an emit may
         if "late" in inside:
             seen_live.append(message["id"])
@@ -158,7 +167,7 @@ async def test_a_socket_entering_a_room_gets_history_up_to_the_watermark_and_eve
     sequencer = Sequencer(storage, deliver, hold_seconds=HOLD)
     await sequencer.enter("general", _nothing)
     messages = await store(storage, 60)
-    feeding = asyncio.gather(*(sequencer.receive(m) for m in messages))
+    feeding = asyncio.gather(*(sequencer.receive(new(m)) for m in messages))
     await asyncio.sleep(0)
     watermark = await sequencer.enter("general", join)
     await feeding
@@ -182,5 +191,41 @@ async def test_a_forgotten_room_restarts_from_storage_and_an_unused_check_can_ke
     missed = await store(storage, 3)  # stored while nobody here was in the room
     assert await sequencer.enter("general", _nothing) == 3
     for message in missed:
-        await sequencer.receive(message)  # late publications: history now, not news
+        await sequencer.receive(new(message))  # late publications: history now, not news
     assert recorder.ids == []
+
+
+async def test_edits_and_deletes_come_out_in_rev_order_with_the_messages(storage):
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    one, two = await store(storage, 2)
+    edited = await storage.edit_message("general", 1, "a:alice", "one, again", time.time())
+    deleted = await storage.delete_message("general", 2, "a:alice")
+    stream = [change("deleted", deleted), change("edited", edited), new(two), new(one), new(two)]
+    for published in stream:
+        await sequencer.receive(published)
+    assert [m["rev"] for m in recorder.delivered] == [1, 2, 3, 4]
+    assert recorder.kinds == ["new", "new", "edited", "deleted"]
+    assert recorder.delivered[2] == edited and recorder.delivered[3] == deleted
+
+
+async def test_a_gap_filled_from_storage_brings_each_message_as_it_is_now(storage):
+    """Revs 2 (new message 2) and 3 (its edit) and 4 (new 3), 5 (its delete) never arrive: after the
+    hold, storage has message 2 at rev 3 — new here, at its latest rev — and 3's deletion."""
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    first, second, third = await store(storage, 3)  # revs 1, 2, 3
+    await storage.edit_message("general", 2, "a:alice", "two, again", time.time())  # rev 4
+    await storage.delete_message("general", 3, "a:alice")  # rev 5
+    last = (await store(storage, 1))[0]  # rev 6
+    await sequencer.receive(new(first))
+    await sequencer.receive(new(last))
+    await recorder.wait_for(4)
+    assert recorder.kinds == ["new", "new", "deleted", "new"]
+    assert [(m["id"], m["rev"]) for m in recorder.delivered] == [(1, 1), (2, 4), (3, 5), (4, 6)]
+    assert recorder.delivered[1]["msg"] == "two, again"
+    await sequencer.receive(new(second))  # late publications of superseded revs: dropped
+    await sequencer.receive(new(third))
+    assert len(recorder.delivered) == 4

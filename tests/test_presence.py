@@ -47,12 +47,10 @@ class RawMember:
         )
         assert (await ws.receive_str()).startswith("0{")
         await ws.send_str("40")
-        welcome = None
-        while not (frame := await ws.receive_str()).startswith("40"):
-            if frame.startswith('42["welcome"'):
-                welcome = json.loads(frame[2:])[1]
-        assert welcome is not None
-        return cls(ws, welcome, keep)
+        assert (await ws.receive_str()).startswith("40")  # the CONNECT answer, then `welcome`
+        while not (frame := await ws.receive_str()).startswith('42["welcome"'):
+            pass
+        return cls(ws, json.loads(frame[2:])[1], keep)
 
     async def _read(self) -> None:
         async for frame in self.ws:

@@ -13,7 +13,7 @@ import pytest
 import socketio
 import yarl
 
-from conftest import COOKIE_NAME, SocketClient
+from conftest import COOKIE_NAME, SocketClient, connect_socket, polling_handshake, refusal
 
 PASSWORD = "correct horse battery"
 
@@ -148,3 +148,64 @@ async def test_an_unreadable_forwarded_for_from_a_trusted_proxy_is_a_400_in_spec
     async with client_from("127.0.0.2") as stranger:  # from others the header is not even read
         async with stranger.get(base_url + "/api/session", headers={"X-Forwarded-For": "not-an-address"}) as response:
             assert response.status == 200
+
+
+async def test_a_trusted_proxy_that_sends_only_x_forwarded_proto_sets_the_scheme(start_chatd):
+    base_url = await start_chatd(trusted_proxies=("127.0.0.1",))
+    host = yarl.URL(base_url).raw_authority
+    https_page = {"Origin": f"https://{host}", "X-Forwarded-Proto": "https"}  # and no X-Forwarded-For
+    async with client_from("127.0.0.1") as proxy:
+        assert (await post_logout(proxy, base_url, https_page))[0] == 200
+        # The http origin is then not ours any more.
+        status, body = await post_logout(proxy, base_url, {**https_page, "Origin": f"http://{host}"})
+        assert (status, body["error"]) == (403, "forbidden_origin")
+    async with client_from("127.0.0.2") as stranger:
+        status, body = await post_logout(stranger, base_url, https_page)
+        assert (status, body["error"]) == (403, "forbidden_origin")
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_a_handshake_through_a_trusted_proxy_that_sends_only_x_forwarded_proto(start_chatd, transport):
+    base_url = await start_chatd(trusted_proxies=("127.0.0.1",))
+    host = yarl.URL(base_url).raw_authority
+    async with aiohttp.ClientSession() as http, http.get(base_url + "/api/session") as response:
+        cookie = response.cookies[COOKIE_NAME].value
+    https_page = {"Origin": f"https://{host}", "X-Forwarded-Proto": "https"}
+    plain_http = {**https_page, "X-Forwarded-Proto": "http"}
+    # The socket client connects from 127.0.0.1, the trusted proxy.
+    if transport == "polling":
+        assert await polling_handshake(base_url, cookie=cookie, headers=plain_http) == []  # Engine.IO's no
+        assert any(p.startswith("40{") for p in await polling_handshake(base_url, cookie=cookie, headers=https_page))
+        return
+    assert await refusal(base_url, cookie=cookie, transport=transport, headers=plain_http) is None  # Engine.IO's no
+    client = await connect_socket(base_url, cookie=cookie, transport=transport, headers=https_page)
+    try:
+        assert (await client.next("welcome"))["room"] == "general"
+    finally:
+        await client.close()
+
+
+async def test_forwarded_headers_from_a_trusted_proxy_are_read_as_lists(start_chatd):
+    """Several header lines are one list; the scheme is the client's hop's; anything else unreadable is a 400."""
+    base_url = await start_chatd(trusted_proxies=("127.0.0.1", "10.0.0.0/8"))
+    await register_frank(base_url)
+    host = yarl.URL(base_url).raw_authority
+    async with client_from("127.0.0.1") as proxy:
+        # Two lines: "203.0.113.5" then "10.1.2.3" is the chain 203.0.113.5 -> 10.1.2.3 -> us.
+        two_lines = [("X-Forwarded-For", "203.0.113.5"), ("X-Forwarded-For", "10.1.2.3")]
+        for i in range(5):
+            async with proxy.post(base_url + "/api/login", json={"username": "Frank", "password": f"guess {i}"},
+                                  headers=two_lines) as response:
+                assert response.status == 401
+        status, _ = await login(proxy, base_url, PASSWORD, {"X-Forwarded-For": "203.0.113.5"})
+        assert status == 429
+        # client --https--> 10.1.2.3 --http--> 127.0.0.1: the client's scheme is https.
+        hops = {
+            "Origin": f"https://{host}", "X-Forwarded-For": "203.0.113.7, 10.1.2.3", "X-Forwarded-Proto": "https, http"
+        }
+        assert (await post_logout(proxy, base_url, hops))[0] == 200
+        unreadable = [("X-Forwarded-Proto", "gopher"), ("X-Forwarded-Proto", ""), ("X-Forwarded-For", "203.0.113.5, ")]
+        for name, value in unreadable:
+            async with proxy.get(base_url + "/api/session", headers={name: value}) as response:
+                assert response.status == 400, (name, value)
+                assert (await response.json())["error"] == "invalid_request"

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import SocketClient, Visitor, by_name
 
+pytestmark = pytest.mark.storage
+
 SQLITE_INT_MAX = 2**63 - 1
 PRESENCE_WINDOW = 0.15  # longer than a small room gathers presence changes
 
@@ -513,7 +515,8 @@ async def test_huge_ids_are_valid_and_harmless(visitors):
     for huge in (SQLITE_INT_MAX, SQLITE_INT_MAX + 1, 2**64 - 1, 2**64, 2**70, 10**300):
         before = await alice.call("history", {"room": "general", "before": huge})
         assert before["ok"] is True and ids(before["messages"]) == sent, (huge, before)
-        assert await alice.call("history", {"room": "general", "after": huge}) == {"ok": True, "messages": []}, huge
+        answer = await alice.call("history", {"room": "general", "after": huge})
+        assert answer == {"ok": True, "messages": [], "rev": answer["rev"]}, huge
         # The same when something orjson cannot read (a lone surrogate) is elsewhere in the payload.
         odd = await alice.call("history", {"room": "general", "before": huge, "note": "\ud800"})
         assert odd["ok"] is True and ids(odd["messages"]) == sent, (huge, odd)

@@ -118,9 +118,9 @@ async def test_unread_counts_others_messages_after_the_marker_up_to_1000(storage
     assert (await storage.room_states("a:amy", "r"))[0]["unread"] == COUNT_CAP
     # Only others' messages count: one of amy's own past her marker (as a copy of old data may hold) does not.
     await storage.join_room("a:amy", "copied")
-    await storage.load("messages", [("copied", 1, "amy", "amy", "old", 0.0, "a:amy", None)])
-    await storage.load("messages", [("copied", 2, "g", None, "old", 0.0, "s:g1", None)])
-    await storage.load("room_counters", [("copied", 2)])
+    await storage.load("messages", [("copied", 1, "amy", "amy", "old", 0.0, 1, None, "a:amy", 0, None)])
+    await storage.load("messages", [("copied", 2, "g", None, "old", 0.0, 2, None, "s:g1", 0, None)])
+    await storage.load("room_counters", [("copied", 2, 2)])
     assert await storage.room_states("a:amy", "copied") == [state("copied", 2, 0, unread=1)]
 
 
@@ -152,20 +152,51 @@ async def test_mentions_are_kept_with_the_message_and_counted_per_account(storag
     assert await storage.usernames(["amy", "nobody", "bob"]) == {"amy": "Amy", "bob": "bob"}
 
 
+async def test_a_deleted_message_stops_counting_and_an_edit_recomputes_mentions(storage):
+    await storage.join_room("a:amy", "r")
+    first = await storage.add_message("r", "bob", "bob", "hi @amy", 0.0, author="a:bob", mentions=["Amy"])
+    second = await storage.add_message("r", "bob", "bob", "plain", 0.0, author="a:bob")
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=2, mentions=1)]
+    # An edit that removes the mention takes it off the count; one that adds it puts it on.
+    edited = await storage.edit_message("r", second["id"], "a:bob", "now @amy", 1.0, ["Amy"])
+    assert edited["mentions"] == ["Amy"]
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=2, mentions=2)]
+    edited = await storage.edit_message("r", first["id"], "a:bob", "hi all", 2.0, [])
+    assert edited["mentions"] == []
+    assert [m["mentions"] for m in await storage.history("r")] == [[], ["Amy"]]
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=2, mentions=1)]
+    # A deleted message is no longer unread, and its mention goes with it.
+    await storage.delete_message("r", second["id"], "a:bob")
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0, unread=1, mentions=0)]
+    await storage.delete_message("r", first["id"], "a:bob")
+    assert await storage.room_states("a:amy", "r") == [state("r", 2, 0)]
+    assert await storage.count("mentions") == 0  # erased, not only left out
+    # A repeated send (a kept client_id) records no mention and moves no marker.
+    await storage.join_room("a:bob", "r")
+    now = time.time()  # a client_id is kept for a day from its send
+    sent = await storage.add_message("r", "amy", "amy", "@bob", now, author="a:amy", client_id="c1", mentions=["bob"])
+    await storage.add_message("r", "bob", "bob", "hello", now, author="a:bob")
+    again = await storage.add_message("r", "amy", "amy", "@bob", now, author="a:amy", client_id="c1", mentions=["bob"])
+    assert again == {"room": "r", "id": sent["id"], "rev": sent["rev"], "duplicate": True}
+    assert await storage.count("mentions") == 1
+    assert await storage.room_states("a:amy", "r") == [state("r", 4, 3, unread=1)]
+    assert await storage.room_states("a:bob", "r") == [state("r", 4, 4)]
+
+
 # -- messages -----------------------------------------------------------------------
 
 
 async def test_add_message_returns_the_message_with_per_room_gapless_ids(storage):
     first = await storage.add_message("general", "guest-1234", None, "hello", 1700000000.25)
     assert first == {"id": 1, "room": "general", "name": "guest-1234", "account": None, "msg": "hello",
-                     "ts": 1700000000.25, "mentions": []}  # fmt: skip
+                     "ts": 1700000000.25, "rev": 1, "edited": None, "mentions": []}  # fmt: skip
     assert ids(await add(storage, "general", 3)) == [2, 3, 4]
     assert ids(await add(storage, "other", 2)) == [1, 2]  # every room counts from 1
     assert ids(await add(storage, "general", 1)) == [5]
 
 
 async def test_ids_stay_below_2_to_the_63(storage):
-    await storage.load("room_counters", [("full", MAX_ID - 1)])
+    await storage.load("room_counters", [("full", MAX_ID - 1, 1)])
     assert (await storage.add_message("full", "n", None, "last", 0.0))["id"] == MAX_ID
     with pytest.raises(StorageError):
         await storage.add_message("full", "n", None, "one too many", 0.0)
@@ -327,11 +358,13 @@ async def test_dump_load_count_and_clear(place, open_at):
     rows = {
         "accounts": [("Zed", "zed", "h1", 1.0), ("amy", "amy", "h2", 2.0)],
         "messages": [
-            ("b", 7, "n", None, "x\x00", 0.5, None, None),
-            ("a", 2, "n", "amy", "y @amy", 1.5, "a:amy", '["amy"]'),
-            ("a", 1, "n", None, "z", 2.5, "s:m1", None),
+            ("b", 7, "n", None, "x\x00", 0.5, 9, 3.5, "s:1", 0, None),
+            ("a", 2, "", None, "", 1.5, 4, None, None, 1, None),  # a deletion's tombstone
+            ("a", 3, "n", "amy", "y @zed", 3.5, 5, None, "a:amy", 0, '["Zed"]'),
+            ("a", 1, "n", None, "z", 2.5, 1, None, "s:m1", 0, None),
         ],
-        "room_counters": [("a", 2), ("b", 7)],
+        "room_counters": [("a", 3, 5), ("b", 7, 9)],
+        "client_ids": [("s:1", "b", "c-1", 7, 9, float(int(time.time())))],  # kept for a day from now
         "revoked_sessions": [("s2", 10), ("s1", 2**40)],
         "room_owners": [("a:amy",), ("s:m1",)],
         "memberships": [("a:amy", "a", 2), ("a:amy", "general", 0), ("s:m1", "a", 1)],
@@ -347,9 +380,20 @@ async def test_dump_load_count_and_clear(place, open_at):
         assert await storage.count(table) == len(rows[table])
         dumped = [row async for batch in storage.dump(table, batch_size=2) for row in batch]
         key = {"accounts": lambda r: r[1], "messages": lambda r: (r[0], r[1])}.get(table, lambda r: r)
+        if table == "messages":  # PostgreSQL's deleted is a boolean, SQLite's 0/1: equal either way
+            dumped = [(*r[:9], int(r[9]), *r[10:]) for r in dumped]
         assert dumped == sorted(rows[table], key=key)
     assert await storage.is_revoked("s1") is True
-    assert (await storage.add_message("b", "n", None, "next", 0.0))["id"] == 8  # counters are loaded too
+    next_ = await storage.add_message("b", "n", None, "next", 0.0)
+    assert (next_["id"], next_["rev"]) == (8, 10)  # counters are loaded too
+    assert (await storage.history("a", since=0)) == [
+        {"id": 1, "room": "a", "name": "n", "account": None, "msg": "z", "ts": 2.5, "rev": 1, "edited": None, "mentions": []},
+        {"room": "a", "id": 2, "rev": 4, "deleted": True},
+        {"id": 3, "room": "a", "name": "n", "account": "amy", "msg": "y @zed", "ts": 3.5, "rev": 5, "edited": None,
+         "mentions": ["Zed"]},
+    ]
+    repeat = await storage.add_message("b", "m", None, "x", 1.0, author="s:1", client_id="c-1")
+    assert repeat == {"room": "b", "id": 7, "rev": 9, "duplicate": True}
     await storage.record("amy", "kick", "zed", "a")  # the audit log goes on after the copied lines
     assert [e["action"] for e in await storage.audit()] == ["kick", "delete", "ban"]
     await storage.clear()
@@ -637,11 +681,11 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
     rooms = ["general", "dev", "random", "x-1"]
     source = await open_at(str(source_dir))
     messages = [(rooms[i % 4], i // 4 + 1, f"u{i % 50}", None if i % 3 else f"u{i % 50}",
-                 f"message {i} \x00 😀", 1700000000 + i / 10, f"a:u{i % 50}", '["User1"]' if i % 7 == 0 else None)
-                for i in range(100_000)]  # fmt: skip
+                 f"message {i} \x00 😀", 1700000000 + i / 10, i // 4 + 3, None if i % 7 else 1.0 * i,
+                 f"a:u{i % 50}", 0, '["User1"]' if i % 7 == 0 else None) for i in range(100_000)]  # fmt: skip
     for start in range(0, len(messages), 20_000):
         await source.load("messages", messages[start : start + 20_000])
-    await source.load("room_counters", [(room, 25_000) for room in rooms])
+    await source.load("room_counters", [(room, 25_000, 25_002) for room in rooms])
     await source.load("accounts", [(f"User{i}", f"user{i}", f"hash{i}", float(i)) for i in range(100)])
     await source.load("revoked_sessions", [(f"sid{i}", 2**40 + i) for i in range(100)])
     await source.load("room_owners", [("a:user1",)])
@@ -651,8 +695,8 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
 
     to_pg = run_copy("--from", str(source_dir), "--to", pg_database_url)
     assert to_pg.returncode == 0, to_pg.stderr
-    assert "copied 100 accounts, 100000 messages, 4 room_counters, 100 revoked_sessions, 1 room_owners, " \
-        "4 memberships, 14286 mentions" in to_pg.stdout
+    assert "copied 100 accounts, 100000 messages, 4 room_counters, 0 client_ids, 100 revoked_sessions, " \
+        "1 room_owners, 4 memberships, 14286 mentions" in to_pg.stdout
     assert "messages 100000/100000 (100%)" in to_pg.stderr
     back = run_copy("--from", pg_database_url, "--to", str(back_dir))
     assert back.returncode == 0, back.stderr
@@ -663,14 +707,18 @@ async def test_copy_data_round_trips_100000_messages_sqlite_postgresql_sqlite(tm
         assert len(pages[0]) == 250 and pages[0] == pages[1] == pages[2]
         afters = [await storage.history(room, after=24_950) for storage in copies]
         assert afters[0] == afters[1] == afters[2] and len(afters[0]) == 50
-    for table in ("accounts", "room_counters", "revoked_sessions", "room_owners", "memberships", "mentions"):
+    tables = ("accounts", "messages", "room_counters", "revoked_sessions", "room_owners", "memberships", "mentions")
+    for table in tables:  # messages: revs, edits, authors, mentions
         dumps = [[row async for batch in s.dump(table) for row in batch] for s in copies]
         assert dumps[0] == dumps[1] == dumps[2]
+        sinces = [await storage.history(room, since=25_000) for storage in copies]  # revisions and edits too
+        assert sinces[0] == sinces[1] == sinces[2] and len(sinces[0]) == 2
     # Read markers and mentions come along: user1 has unread messages and mentions everywhere.
     states = [await s.room_states("a:user1") for s in copies]
     assert states[0] == states[1] == states[2] and states[0][0]["mentions"] > 0
     # The copies go on counting where the source stopped.
     assert [(await s.add_message("dev", "n", None, "next", 0.0))["id"] for s in copies[1:]] == [25_001, 25_001]
+    assert [(await s.add_message("dev", "n", None, "next", 0.0))["rev"] for s in copies[1:]] == [25_004, 25_004]
 
 
 async def test_copy_data_refuses_a_target_with_data_unless_forced(tmp_path, pg_database_url, open_at):

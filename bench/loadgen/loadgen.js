@@ -27,6 +27,7 @@ function parseArgs(argv) {
   for (let i = 1; i < argv.length; i++) {
     const key = argv[i].replace(/^--/, "");
     if (key === "deflate") { opts.deflate = true; continue; }
+    if (key === "client-ids") { opts.clientIds = true; continue; }
     const value = argv[++i];
     opts[key] = typeof opts[key] === "number" ? Number(value) : value;
   }
@@ -141,10 +142,11 @@ class Client {
     });
   }
 
-  sendChat(msg, onAck) {
+  sendChat(msg, onAck, clientId) {
     const id = this.nextAck++;
     this.acks.set(id, onAck);
-    this.ws.send(`42${id}["send chat",${JSON.stringify({ msg })}]`);
+    const payload = clientId === undefined ? { msg } : { msg, client_id: clientId };
+    this.ws.send(`42${id}["send chat",${JSON.stringify(payload)}]`);
   }
 
   close() { try { this.ws.terminate(); } catch (e) { /* already gone */ } }
@@ -398,11 +400,12 @@ const scenarios = {
     let seq = 0;
     const loops = clients.map(async (c) => {
       while (!stop) {
-        await new Promise((resolve) => c.sendChat(`${seq++} ${now()}`, (ack) => {
+        const n = seq++;  // --client-ids: every send carries its own, as the page's outbox does
+        await new Promise((resolve) => c.sendChat(`${n} ${now()}`, (ack) => {
           if (ack.indexOf('"ok":true') < 0) throw new Error("send chat failed: " + ack);
           if (measuring) acked++;
           resolve();
-        }));
+        }, opts.clientIds ? `bench-${n}` : undefined));
       }
     });
     await sleep(opts.warmup * 1000);

@@ -11,8 +11,11 @@ While Redis cannot be reached, each process falls back to its own in-memory
 limits (logged once per outage): a looser limit for a while, but never none,
 and never an error for the user.
 
-Keys hold a SHA-256 of the session id or of (username, address), never the
-values themselves: session ids are secrets and usernames are user input.
+Keys hold a SHA-256 of the session id, of the client address or of (username,
+address), never the values themselves: session ids are secrets, addresses are
+personal data and usernames are user input. Every key expires once it would
+hold nothing a fresh one does not (a full bucket, a window gone by), so Redis
+holds only what is in use.
 """
 
 from __future__ import annotations
@@ -27,18 +30,21 @@ from redis.exceptions import RedisError
 from . import (
     CHAT_BURST,
     CHAT_REFILL_PER_SECOND,
+    GUEST_BURST,
+    GUEST_REFILL_PER_SECOND,
     LOGIN_FAILURES_ALLOWED,
     LOGIN_WINDOW_SECONDS,
     ChatRateLimiter,
     LoginThrottle,
+    NewIdentityLimiter,
 )
-from .memory import MemoryChatRateLimiter, MemoryLoginThrottle
+from .memory import MemoryLoginThrottle, TokenBuckets
 
 log = logging.getLogger("chatd.limits")
 
 KEY_PREFIX = "chatd:"
 
-# KEYS[1]: the session's bucket (tokens, updated). ARGV: burst, refill per second.
+# KEYS[1]: the bucket (tokens, updated). ARGV: burst, refill per second.
 # Returns the seconds to wait, as a string (Lua numbers become integers otherwise).
 TOKEN_BUCKET = """
 local now_parts = redis.call('TIME')
@@ -96,25 +102,44 @@ class _Outage:
             log.warning("Redis is back; %s is shared again", self.what)
 
 
-class RedisChatRateLimiter(ChatRateLimiter):
-    def __init__(self, redis: Redis, burst: int = CHAT_BURST, per_second: float = CHAT_REFILL_PER_SECOND) -> None:
+class RedisTokenBuckets:
+    """`TokenBuckets` shared through Redis: one hash per key under `KEY_PREFIX + kind`,
+    spent by the TOKEN_BUCKET script; this process's own buckets while Redis is away."""
+
+    def __init__(self, redis: Redis, kind: str, burst: int, per_second: float, what: str) -> None:
+        self.prefix = KEY_PREFIX + kind + ":"
         self.burst = burst
         self.per_second = per_second
         self._take = redis.register_script(TOKEN_BUCKET)
-        self._fallback = MemoryChatRateLimiter(burst, per_second)
-        self._outage = _Outage("the chat limit")
+        self._fallback = TokenBuckets(burst, per_second)
+        self._outage = _Outage(what)
 
-    async def take(self, session_id: str) -> float:
+    async def take(self, key: str) -> float:
         if self.per_second <= 0:
-            return 0.0  # --chat-rate 0: no chat limit
-        key = KEY_PREFIX + "chat:" + _digest(session_id)
+            return 0.0  # switched off
         try:
-            wait = float(await self._take(keys=[key], args=[self.burst, repr(self.per_second)]))
+            wait = float(await self._take(keys=[self.prefix + _digest(key)], args=[self.burst, repr(self.per_second)]))
         except (RedisError, OSError) as exc:
             self._outage.failed(exc)
-            return await self._fallback.take(session_id)
+            return self._fallback.take(key)
         self._outage.ok()
         return wait
+
+
+class RedisChatRateLimiter(ChatRateLimiter):
+    def __init__(self, redis: Redis, burst: int = CHAT_BURST, per_second: float = CHAT_REFILL_PER_SECOND) -> None:
+        self.buckets = RedisTokenBuckets(redis, "chat", burst, per_second, "the chat limit")
+
+    async def take(self, session_id: str) -> float:
+        return await self.buckets.take(session_id)
+
+
+class RedisNewIdentityLimiter(NewIdentityLimiter):
+    def __init__(self, redis: Redis, burst: int = GUEST_BURST, per_second: float = GUEST_REFILL_PER_SECOND) -> None:
+        self.buckets = RedisTokenBuckets(redis, "guest", burst, per_second, "the limit on new identities")
+
+    async def take(self, address: str) -> float:
+        return await self.buckets.take(address)
 
 
 class RedisLoginThrottle(LoginThrottle):

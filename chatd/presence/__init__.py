@@ -11,7 +11,7 @@ Redis's stream of membership changes; see that module). The parts:
 - `batching.ChangeBatcher` gathers those changes per room for a short window
   and then settles them (`_settle`: the net change since the last published
   state, which becomes the new published state) and publishes them through the
-  callback realtime.py gives, which emits one `presence` event to the room;
+  callback rooms.py gives, which emits one `presence` event to the room;
 - `snapshot` reads the published state of a room, already JSON-encoded (cached
   until the next change is published), plus the caller itself, as a
   `published.Snapshot`: pieces of the cached bytes, never copied per caller.

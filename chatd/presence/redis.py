@@ -16,7 +16,7 @@ first socket there arrives, not per join) kept current by the change stream,
 and its published state (what its own sockets hold). From there it is the
 in-process design: the shared `ChangeBatcher` gathers the changes a room's
 stream brings, `_settle` compares the mirror with the published state, and the
-net change goes to this process's sockets of the room (realtime.py emits
+net change goes to this process's sockets of the room (rooms.py emits
 presence with `ignore_queue`). A snapshot is the process's published state:
 no Redis call per join, and nothing awaited between reading it and sending
 it, so a joiner's snapshot plus the events after it are the truth, as on one

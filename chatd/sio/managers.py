@@ -26,6 +26,7 @@ Private names used here are listed in chatd/sio/__init__.py.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -43,6 +44,10 @@ log = logging.getLogger("chatd.sio")
 CHANNEL = "chatd"
 CONTROL_TAG = "chatd"
 SUBSCRIBE_WAIT_SECONDS = 5.0
+# The largest channel message read: chatd's own are a chat message or a room's
+# presence change; a larger one can only come from someone else.
+MAX_CHANNEL_MESSAGE = 4 * 1024 * 1024
+SOCKETIO_METHODS = frozenset({"emit", "callback", "disconnect", "enter_room", "leave_room", "close_room"})
 
 ControlHandler = Callable[..., Awaitable[None]]
 
@@ -183,20 +188,46 @@ class RedisClientManager(RoomIndex, AsyncRedisManager, FastBroadcastMixin):
         await self._publish([CONTROL_TAG, self.host_id, name, *args])
 
     async def _listen(self):
-        async for data in super()._listen():
-            if data[:1] == b"[":  # python-socketio's own messages are objects
-                self._control_received(data)
-            else:
-                # Text, not bytes: the server's JSON hook (jsonhook.OrjsonForSocketIO) reads str.
-                yield data.decode("utf-8")
+        """The channel's messages, each read once as JSON here; anything else is dropped and logged.
 
-    def _control_received(self, data: bytes) -> None:
+        Whoever can write to Redis can write to the channel. python-socketio 5.18
+        reads its messages as JSON only (before 5.14 it unpickled them:
+        CVE-2025-61765), but a JSON value that is not an object with a `method`
+        (a bare string "method", say) raises in its pub/sub loop outside its
+        handlers' guard, which then drops the subscription and subscribes again,
+        losing what is published meanwhile. So only objects with a known `method`
+        are passed on, already decoded (python-socketio takes a dict as it is).
+        """
+        async for data in super()._listen():
+            message = self._decode(data)
+            if isinstance(message, list):
+                self._control_received(message)
+            elif message is not None:
+                yield message
+
+    def _decode(self, data) -> dict | list | None:
+        if not isinstance(data, bytes) or len(data) > MAX_CHANNEL_MESSAGE:
+            log.warning("dropped a channel message that is not JSON text or is too large (%s bytes)",
+                        len(data) if isinstance(data, (bytes, str)) else "?")  # fmt: skip
+            return None
         try:
-            tag, host_id, name, *args = self.json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+            message = self.json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            log.warning("dropped a channel message that is not JSON (%d bytes)", len(data))
+            return None
+        if isinstance(message, dict) and isinstance(message.get("method"), str) and message["method"] in SOCKETIO_METHODS:
+            return message
+        if isinstance(message, list):
+            return message
+        log.warning("dropped a channel message of an unknown shape (%d bytes)", len(data))
+        return None
+
+    def _control_received(self, message: list) -> None:
+        if len(message) < 3 or message[0] != CONTROL_TAG or not all(isinstance(part, str) for part in message[1:3]):
             log.warning("dropped a malformed control message")
             return
-        if tag == CONTROL_TAG and host_id != self.host_id:
+        _, host_id, name, *args = message
+        if host_id != self.host_id:
             # A task: the pub/sub loop must keep reading while a handler waits.
             self.tasks.spawn(self._run_control(name, args))
 
@@ -204,6 +235,11 @@ class RedisClientManager(RoomIndex, AsyncRedisManager, FastBroadcastMixin):
         handler = self.control_handlers.get(name)
         if handler is None:
             log.warning("no handler for control message %r", name)
+            return
+        try:
+            inspect.signature(handler).bind(*args)
+        except TypeError:
+            log.warning("dropped control message %r with %d arguments", name, len(args))
             return
         try:
             await handler(*args)

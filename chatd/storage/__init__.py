@@ -7,20 +7,43 @@ the backend from the configuration.
 Message ids are per room and gapless: each room has a counter, advanced in the
 same transaction that inserts the message, so within a room a message never
 becomes visible after one with a higher id, whichever process stored it.
+
+Revisions work the same way: the counter row also holds the room's last `rev`,
+and every new message, edit and delete takes the next one in the transaction
+that makes the change (the row lock orders a room's writers, so revisions
+commit in order too). A message row carries the rev of its latest change; a
+deleted one stays as a tombstone — no name, no text — so `history` `since` can
+report the deletion.
+
+`client_id`s: a send's key (author, room, client_id) is kept for a day with the
+id and rev it got, under a primary key: a repeat finds it instead of storing
+again, and two at once cannot both insert it.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import logging
 import time
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 from dataclasses import dataclass
+
+import orjson
+
+if TYPE_CHECKING:
+    from .group_commit import GroupCommit
 
 HISTORY_DEFAULT = 50
 HISTORY_MAX = 100
 MAX_ID = 2**63 - 1
 
-HISTORY_COLUMNS = "room, id, name, account, msg, ts, mentions"
+CLIENT_ID_SECONDS = 24 * 3600  # SPEC: a client_id repeated within 24 hours is the same send
+CLIENT_ID_PRUNE_EVERY = 600.0  # seconds between removals of expired client_ids
+
+log = logging.getLogger("chatd.storage")
+
+HISTORY_COLUMNS = "room, id, name, account, msg, ts, rev, edited, mentions"
 
 MAX_ROOMS = 50  # SPEC: rooms per session (an account's: per account), general and direct rooms included
 COUNT_CAP = 1000  # SPEC: `unread` and `mentions` are counted up to this
@@ -28,10 +51,11 @@ DEFAULT_ROOM = "general"  # where a new session, or an account that never joined
 
 
 def owner_key(account: str | None, member_id: str) -> str:
-    """Whose rooms and read markers: an account's (every session of it), else the guest session's.
+    """Whose rooms, read markers, messages and client_ids: an account's (every session of it),
+    else the guest session's.
 
-    Keyed by the session's public member id, never by the cookie's `sid`. Also stored as
-    a message's `author`, so that `unread` leaves out the reader's own messages.
+    Keyed by the session's public member id, never by the cookie's `sid`. Stored as a
+    message's `author`: who may edit and delete it, and whose `unread` leaves it out.
     """
     return "a:" + account.lower() if account is not None else "s:" + member_id
 
@@ -40,24 +64,71 @@ class TooManyRooms(Exception):
     """`join_room` would put an owner over MAX_ROOMS."""
 
 
-def history_query(room: str, before: int | None, after: int | None, limit: int) -> tuple[str, tuple, bool]:
+def history_query(
+    room: str, before: int | None, after: int | None, limit: int, since: int | None = None
+) -> tuple[str, tuple, bool]:
     """The one paging rule of `history`, for every backend.
 
     The SQL with `{}` for each parameter (a backend fills in its own marks), its
     arguments, and whether the rows come newest first and must be reversed.
+    Deleted messages are left out, except from `since`, which reports them
+    (the last column says which rows are deletions).
     """
-    select = f"SELECT {HISTORY_COLUMNS} FROM messages WHERE room = {{}}"
+    if since is not None:
+        return (
+            f"SELECT {HISTORY_COLUMNS}, deleted FROM messages WHERE room = {{}} AND rev > {{}} ORDER BY rev ASC LIMIT {{}}",
+            (room, since, limit),
+            False,
+        )
+    select = f"SELECT {HISTORY_COLUMNS} FROM messages WHERE room = {{}} AND NOT deleted"
     if after is not None:
         return f"{select} AND id > {{}} ORDER BY id ASC LIMIT {{}}", (room, after, limit), False
     if before is not None:
         return f"{select} AND id < {{}} ORDER BY id DESC LIMIT {{}}", (room, before, limit), True
     return f"{select} ORDER BY id DESC LIMIT {{}}", (room, limit), True
 
+
+def message_dict(
+    room: str, id_: int, name: str, account: str | None, msg: str, ts: float, rev: int, edited, mentions
+) -> dict:
+    """SPEC's Message (`mentions` a list, or as stored: see `stored_mentions`)."""
+    return {
+        "id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts,
+        "rev": rev, "edited": edited, "mentions": stored_mentions(mentions),
+    }  # fmt: skip
+
+
+def stored_mentions(value) -> list[str]:
+    """A message's mentions from its `mentions` column (JSON text, NULL for none) or a list."""
+    if isinstance(value, (str, bytes)):
+        return orjson.loads(value)
+    return list(value or ())
+
+
+def mentions_json(mentions: list[str] | tuple[str, ...]) -> str | None:
+    """How a message's mentions are stored: a JSON list, NULL when there are none."""
+    return orjson.dumps(list(mentions)).decode() if mentions else None
+
+
+def deletion(room: str, id_: int, rev: int) -> dict:
+    """What `history` `since` reports for a deleted message."""
+    return {"room": room, "id": id_, "rev": rev, "deleted": True}
+
+
+class ChangeRefused(Exception):
+    """An edit or delete storage turned down: `code` is SPEC's (`not_found`, `forbidden`)."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 # Every table's columns, in the order `dump` yields and `load` takes them (copy-data).
 TABLES: dict[str, tuple[str, ...]] = {
     "accounts": ("username", "username_key", "password_hash", "created"),
-    "messages": ("room", "id", "name", "account", "msg", "ts", "author", "mentions"),
-    "room_counters": ("room", "last_id"),  # after messages: a copy's counters are never behind its ids
+    "messages": ("room", "id", "name", "account", "msg", "ts", "rev", "edited", "author", "deleted", "mentions"),
+    "room_counters": ("room", "last_id", "last_rev"),  # after messages: a copy's counters are never behind its ids
+    "client_ids": ("author", "room", "client_id", "id", "rev", "created"),
     "revoked_sessions": ("sid", "until"),
     "room_owners": ("owner",),
     "memberships": ("owner", "room", "read_id"),
@@ -71,6 +142,7 @@ PRIMARY_KEYS: dict[str, str] = {
     "accounts": "username_key",
     "room_counters": "room",
     "messages": "room, id",
+    "client_ids": "author, room, client_id",
     "revoked_sessions": "sid",
     "room_owners": "owner",
     "memberships": "owner, room",
@@ -87,14 +159,9 @@ def room_state(row) -> dict:
     return {"room": room, "last_id": last_id, "read_id": read_id, "unread": unread, "mentions": mentions}
 
 
-def mention_rows(message: dict) -> list[tuple[str, str, int]]:
+def mention_rows(room: str, id_: int, author: str | None, mentions) -> list[tuple[str, str, int]]:
     """(account key, room, id) for each account a stored message mentions, its author excepted."""
-    author = message.get("author")
-    return [
-        (name.lower(), message["room"], message["id"])
-        for name in message.get("mentions") or ()
-        if "a:" + name.lower() != author
-    ]
+    return [(name.lower(), room, id_) for name in mentions or () if "a:" + name.lower() != author]
 
 
 def is_direct(room: str) -> bool:
@@ -127,7 +194,7 @@ def audit_entry(row) -> dict:
 # caller's owner key (its bans hide rooms), then the name pattern if any, then the limit.
 DIRECTORY = """
 SELECT m.room, count(*) AS members, max(i.topic),
-    (SELECT x.ts FROM messages x WHERE x.room = m.room ORDER BY x.id DESC LIMIT 1)
+    (SELECT x.ts FROM messages x WHERE x.room = m.room AND NOT x.deleted ORDER BY x.id DESC LIMIT 1)
 FROM memberships m LEFT JOIN room_info i ON i.room = m.room
 WHERE m.room NOT LIKE '@%' AND m.room NOT IN (SELECT s.room FROM sanctions s WHERE s.target = {} AND s.banned = 1)
     NAME_FILTER
@@ -159,7 +226,9 @@ class Storage(abc.ABC):
     async def ping(self) -> None:
         """Raise StorageError when storage cannot answer."""
 
-    @abc.abstractmethod
+    # Every backend stores new messages through a GroupCommit (group_commit.py) of its own.
+    _group_commit: "GroupCommit"
+
     async def add_message(
         self,
         room: str,
@@ -169,19 +238,77 @@ class Storage(abc.ABC):
         ts: float,
         *,
         author: str | None = None,
+        client_id: str | None = None,
         mentions: tuple[str, ...] | list[str] = (),
     ) -> dict:
-        """Store a message durably and return it with its id (Message shape of SPEC).
+        """Store a message durably and return it with its id and rev (Message shape of SPEC).
 
-        `author` is its writer's `owner_key`: in the same transaction the writer's read
-        marker in the room moves to it. `mentions` are canonical usernames (`resolve_mentions`).
+        `author` is its writer's `owner_key`: who may edit it, and in the same transaction
+        the writer's read marker in the room moves to it. `mentions` are canonical usernames
+        (`mentions.resolve`). With `client_id` too, a repeat of a send kept for the last day
+        stores nothing (no marker moves, no mention is recorded) and returns
+        `{"room","id","rev","duplicate": True}` of the first.
         """
+        return await self._group_commit.submit(
+            {
+                "room": room, "name": name, "account": account, "msg": msg, "ts": ts,
+                "author": author, "client_id": client_id, "mentions": list(mentions),
+            }
+        )  # fmt: skip
+
+    async def edit_message(
+        self, room: str, id_: int, author: str | None, msg: str, now: float, mentions: tuple[str, ...] | list[str] = ()
+    ) -> dict:
+        """Replace a message's text (its author only) and its `mentions`, under the room's next rev;
+        the new Message.
+
+        Raises ChangeRefused("not_found") for no such (or a deleted) message, ("forbidden") for another author.
+        """
+        return await self._change(room, id_, author, msg, now, False, list(mentions))
+
+    async def delete_message(self, room: str, id_: int, author: str | None, *, any_author: bool = False) -> dict:
+        """Erase a message (its author's, or anyone's with `any_author`), under the room's next rev.
+
+        The text and its mentions are gone from storage when this returns; `{"room","id","rev"}`.
+        ChangeRefused as for edits.
+        """
+        return await self._change(room, id_, author, None, 0.0, any_author, [])
 
     @abc.abstractmethod
+    async def _change(
+        self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool, mentions: list[str]
+    ) -> dict:
+        """An edit (`msg`, its new `mentions`) or a delete (`msg` None) in one transaction with the
+        room's next rev; either replaces the message's rows in the mentions index."""
+
     async def history(
-        self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
+        self,
+        room: str,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        since: int | None = None,
+        limit: int = HISTORY_DEFAULT,
     ) -> list[dict]:
-        """Messages of a room, oldest first: the latest, those just before `before`, or the first after `after`."""
+        """Messages of a room, oldest first: the latest, those just before `before`, or the first after `after`;
+        or with `since`, the changes after that rev in rev order (Messages and deletions)."""
+        template, args, newest_first = history_query(room, before, after, limit, since)
+        rows = await self._history_rows(template, args, changes=since is not None)
+        if newest_first:
+            rows.reverse()
+        return rows
+
+    @abc.abstractmethod
+    async def _history_rows(self, template: str, args: tuple, *, changes: bool) -> list[dict]:
+        """Run a `history_query` (`{}` for each parameter); rows as Messages (and deletions, for `changes`)."""
+
+    @abc.abstractmethod
+    async def revision(self, room: str) -> tuple[int, int]:
+        """The room's highest message id and its current rev (0, 0 for a room without messages)."""
+
+    @abc.abstractmethod
+    async def prune_client_ids(self, before: float) -> int:
+        """Forget client_ids kept since before `before`; how many."""
 
     # -- rooms of a person, read markers -------------------------------------------
 
@@ -326,3 +453,16 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def clear(self) -> None:
         """Delete every row of every table (the schema stays)."""
+
+
+async def prune_client_ids_forever(storage: Storage, every: float = CLIENT_ID_PRUNE_EVERY) -> None:
+    """Remove expired client_ids now and every `every` seconds (a background task of the app's;
+    a key past its day is ignored by sends anyway, so a missed round only costs space)."""
+    while True:
+        try:
+            removed = await storage.prune_client_ids(time.time() - CLIENT_ID_SECONDS)
+            if removed:
+                log.debug("removed %d expired client_ids", removed)
+        except StorageError as exc:
+            log.warning("could not remove expired client_ids: %s", exc)
+        await asyncio.sleep(every)

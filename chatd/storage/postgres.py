@@ -18,10 +18,9 @@ from typing import AsyncIterator
 import asyncpg
 from yarl import URL
 
-import orjson
-
-from . import HISTORY_DEFAULT, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
-from . import COUNT_CAP, DEFAULT_ROOM, MAX_ROOMS, TooManyRooms, room_state
+from . import CLIENT_ID_SECONDS, COUNT_CAP, DEFAULT_ROOM, HISTORY_COLUMNS, MAX_ROOMS, PRIMARY_KEYS, TABLES
+from . import Account, ChangeRefused, Storage, StorageError, TooManyRooms
+from . import deletion, mention_rows, mentions_json, message_dict, room_state, stored_mentions
 from .group_commit import GroupCommit
 
 CONNECT_SECONDS = 5.0
@@ -51,10 +50,32 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE revoked_sessions (sid text PRIMARY KEY, until bigint NOT NULL)",
         "CREATE INDEX revoked_sessions_until ON revoked_sessions (until)",
     ],
-    # 2: rooms that follow the person, read markers, mentions (issue 20). A message's
-    # `author` is its writer's owner key; `mentions` a JSON list of usernames (NULL: none).
+    # 2: revisions, edits, deletions (tombstones) and client_ids. Old messages take
+    # their id as rev (one change each, in id order); an account's may be edited by it
+    # (author: its owner key, storage.owner_key).
     [
+        "ALTER TABLE messages ADD COLUMN rev bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN edited double precision",
         "ALTER TABLE messages ADD COLUMN author text",
+        "ALTER TABLE messages ADD COLUMN deleted boolean NOT NULL DEFAULT false",
+        "UPDATE messages SET rev = id, author = 'a:' || lower(account) WHERE true",
+        "CREATE UNIQUE INDEX messages_room_rev ON messages (room, rev)",
+        "ALTER TABLE room_counters ADD COLUMN last_rev bigint NOT NULL DEFAULT 0",
+        "UPDATE room_counters SET last_rev = last_id",
+        """CREATE TABLE client_ids (
+            author    text NOT NULL,
+            room      text NOT NULL,
+            client_id text NOT NULL,
+            id        bigint NOT NULL,
+            rev       bigint NOT NULL,
+            created   double precision NOT NULL,
+            PRIMARY KEY (author, room, client_id)
+        )""",
+        "CREATE INDEX client_ids_created ON client_ids (created)",
+    ],
+    # 3: rooms that follow the person, read markers, mentions (issue 20). A message's
+    # `mentions` is a JSON list of usernames (NULL: none); `author` (2) is the owner key.
+    [
         "ALTER TABLE messages ADD COLUMN mentions text",
         "CREATE TABLE room_owners (owner text PRIMARY KEY)",
         """CREATE TABLE memberships (
@@ -70,7 +91,7 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (account, room, id)
         )""",
     ],
-    # 3: moderation (issue 22): owners and topics, moderators, mutes and bans, the audit
+    # 4: moderation (issue 22): owners and topics, moderators, mutes and bans, the audit
     # log; memberships by room for the directory.
     [
         "CREATE TABLE room_info (room text PRIMARY KEY, owner text, topic text NOT NULL)",
@@ -100,8 +121,8 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # One statement, so one round trip and one commit for a whole batch: advance each
-# room's counter (rooms in order, so two writers never deadlock) and insert the
-# messages numbered from it. The answer is each room's new last id.
+# room's counters (rooms in order, so two writers never deadlock) and insert the
+# messages numbered from them. The answer is each room's new last id and rev.
 INSERT_BATCH = """
 WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::float8[], $6::text[], $7::text[])
@@ -109,14 +130,15 @@ WITH batch AS (
 ), counts AS (
     SELECT room, count(*) AS n FROM batch GROUP BY room
 ), counters AS (
-    INSERT INTO room_counters AS c (room, last_id) SELECT room, n FROM counts ORDER BY room
-    ON CONFLICT (room) DO UPDATE SET last_id = c.last_id + excluded.last_id
-    RETURNING room, last_id
-), stored AS (
-    INSERT INTO messages (room, id, name, account, msg, ts, author, mentions)
-    SELECT b.room, c.last_id - n.n + row_number() OVER (PARTITION BY b.room ORDER BY b.pos), b.name, b.account, b.msg,
-        b.ts, b.author, b.mentions
+    INSERT INTO room_counters AS c (room, last_id, last_rev) SELECT room, n, n FROM counts ORDER BY room
+    ON CONFLICT (room) DO UPDATE SET last_id = c.last_id + excluded.last_id, last_rev = c.last_rev + excluded.last_rev
+    RETURNING room, last_id, last_rev
+), numbered AS (
+    SELECT b.*, row_number() OVER (PARTITION BY b.room ORDER BY b.pos) - n.n AS k, c.last_id, c.last_rev
     FROM batch b JOIN counters c USING (room) JOIN counts n USING (room)
+), stored AS (
+    INSERT INTO messages (room, id, name, account, msg, ts, rev, author, mentions)
+    SELECT room, last_id + k, name, account, msg, ts, last_rev + k, author, mentions FROM numbered
     RETURNING room, id, author, mentions
 ), marked AS (  -- sending moves the sender's read marker to the message (never back)
     UPDATE memberships m SET read_id = GREATEST(m.read_id, s.id)
@@ -127,7 +149,24 @@ WITH batch AS (
     SELECT DISTINCT lower(j.name), s.room, s.id FROM stored s, json_array_elements_text(s.mentions::json) AS j(name)
     WHERE s.mentions IS NOT NULL AND 'a:' || lower(j.name) IS DISTINCT FROM s.author
 )
-SELECT room, last_id FROM counters
+SELECT room, last_id, last_rev FROM counters
+"""
+
+# A batch's client_ids claim their keys first (in order, so two batches never
+# deadlock), under the primary key: a key another transaction holds waits for it,
+# and a key kept for less than a day is not returned — its send is a repeat. An
+# expired key is taken over. The claimed ones get their id and rev before commit.
+CLAIM_CLIENT_IDS = """
+INSERT INTO client_ids AS k (author, room, client_id, id, rev, created)
+SELECT author, room, client_id, 0, 0, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS u(author, room, client_id)
+ORDER BY author, room, client_id
+ON CONFLICT (author, room, client_id) DO UPDATE SET created = excluded.created WHERE k.created < $5
+RETURNING author, room, client_id
+"""
+FILL_CLIENT_IDS = """
+UPDATE client_ids AS k SET id = u.id, rev = u.rev
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS u(author, room, client_id, id, rev)
+WHERE (k.author, k.room, k.client_id) = (u.author, u.room, u.client_id)
 """
 
 # What "the database is not there (now)" looks like to asyncpg.
@@ -144,20 +183,31 @@ def safe_url(url: str) -> str:
 
 
 def _message(row) -> dict:
-    return {
-        "id": row["id"], "room": row["room"], "name": row["name"], "account": row["account"],
-        "msg": bytes(row["msg"]).decode("utf-8"), "ts": row["ts"],
-        "mentions": orjson.loads(row["mentions"]) if row["mentions"] else [],
-    }  # fmt: skip
+    return message_dict(
+        row["room"], row["id"], row["name"], row["account"], bytes(row["msg"]).decode("utf-8"), row["ts"],
+        row["rev"], row["edited"], row["mentions"],
+    )  # fmt: skip
+
+
+def _history_change(row) -> dict:
+    """A row of `history` `since`: a Message, or a deletion."""
+    return deletion(row["room"], row["id"], row["rev"]) if row["deleted"] else _message(row)
+
+
+def _client_key(message: dict) -> tuple[str, str, str] | None:
+    if message.get("client_id") is None or message.get("author") is None:
+        return None
+    return (message["author"], message["room"], message["client_id"])
 
 
 # Every room of an owner (or one) with its RoomState: the unread and mention counts are
 # index range scans over (room, id) and (account, room, id) after the marker, each
-# stopped at COUNT_CAP rows. $1 owner, $2 the account key for mentions (NULL for guests).
+# stopped at COUNT_CAP rows; deleted messages do not count (and their mention rows are
+# erased). $1 owner, $2 the account key for mentions (NULL for guests).
 ROOM_STATES = f"""
 SELECT m.room, m.read_id, coalesce(c.last_id, 0),
     (SELECT count(*) FROM (SELECT 1 FROM messages x
-        WHERE x.room = m.room AND x.id > m.read_id AND x.author IS DISTINCT FROM $1 LIMIT {COUNT_CAP}) u),
+        WHERE x.room = m.room AND x.id > m.read_id AND x.author IS DISTINCT FROM $1 AND NOT x.deleted LIMIT {COUNT_CAP}) u),
     (SELECT count(*) FROM (SELECT 1 FROM mentions y
         WHERE y.account = $2 AND y.room = m.room AND y.id > m.read_id LIMIT {COUNT_CAP}) v)
 FROM memberships m LEFT JOIN room_counters c ON c.room = m.room
@@ -237,52 +287,150 @@ class PostgresStorage(Storage):
 
     # -- messages --------------------------------------------------------------
 
-    async def add_message(
-        self, room: str, name: str, account: str | None, msg: str, ts: float, *, author=None, mentions=()
-    ) -> dict:
-        message = {"room": room, "name": name, "account": account, "msg": msg, "ts": ts}
-        return await self._group_commit.submit({**message, "author": author, "mentions": list(mentions)})
-
-    async def _insert_batch(self, submitted: list[dict]) -> list[dict]:
-        columns = (
-            [m["room"] for m in submitted],
-            [m["name"] for m in submitted],
-            [m["account"] for m in submitted],
-            [m["msg"].encode("utf-8") for m in submitted],
-            [m["ts"] for m in submitted],
-            [m["author"] for m in submitted],
-            [orjson.dumps(m["mentions"]).decode() if m["mentions"] else None for m in submitted],
-        )
-        # The author is not part of SPEC's Message.
-        messages = [{k: v for k, v in m.items() if k != "author"} for m in submitted]
+    async def _insert_batch(self, messages: list[dict]) -> list[dict]:
+        firsts: dict[tuple, int] = {}  # key -> position of its first send in this batch
+        for pos, message in enumerate(messages):
+            key = _client_key(message)
+            if key is not None:
+                firsts.setdefault(key, pos)
         async with self._connection() as conn:
             for attempt in (1, 2):
                 try:
-                    rows = await conn.fetch(INSERT_BATCH, *columns)
-                    break
-                except asyncpg.DeadlockDetectedError:  # rooms are locked in order; still, retry once
+                    if not firsts:  # the common case: one statement, one round trip
+                        return self._numbered(messages, await conn.fetch(INSERT_BATCH, *self._columns(messages)))
+                    async with conn.transaction():
+                        return await self._insert_keyed(conn, messages, firsts)
+                except asyncpg.DeadlockDetectedError:  # rooms and keys are locked in order; still, retry once
                     if attempt == 2:
                         raise
+        raise AssertionError("unreachable")
+
+    async def _insert_keyed(self, conn: asyncpg.Connection, messages: list[dict], firsts: dict[tuple, int]) -> list[dict]:
+        """A batch with client_ids: claim the keys, store what is not a repeat, fill in the keys; one transaction."""
+        now = time.time()
+        keys = list(firsts)
+        claimed = {
+            (r["author"], r["room"], r["client_id"])
+            for r in await conn.fetch(CLAIM_CLIENT_IDS, *map(list, zip(*keys)), now, now - CLIENT_ID_SECONDS)
+        }
+        fresh = [
+            pos for pos, m in enumerate(messages)
+            if (key := _client_key(m)) is None or (key in claimed and firsts[key] == pos)
+        ]  # fmt: skip
+        stored: dict[int, dict] = {}
+        if fresh:
+            rows = await conn.fetch(INSERT_BATCH, *self._columns([messages[p] for p in fresh]))
+            stored = dict(zip(fresh, self._numbered([messages[p] for p in fresh], rows)))
+        if claimed:
+            filled = [(*key, stored[firsts[key]]["id"], stored[firsts[key]]["rev"]) for key in keys if key in claimed]
+            await conn.execute(FILL_CLIENT_IDS, *map(list, zip(*filled)))
+        # Every other key was committed by its first send (ours waited for it): its answer.
+        earlier = {}
+        others = [key for key in keys if key not in claimed]
+        if others:
+            for r in await conn.fetch(
+                "SELECT author, room, client_id, id, rev FROM client_ids "
+                "WHERE (author, room, client_id) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))",
+                *map(list, zip(*others)),
+            ):
+                earlier[(r["author"], r["room"], r["client_id"])] = r
+        answers = []
+        for pos, message in enumerate(messages):
+            if pos in stored:
+                answers.append(stored[pos])
+                continue
+            key = _client_key(message)
+            first = stored.get(firsts[key]) or earlier.get(key)
+            if first is None:
+                raise StorageError("a repeated client_id has no first send")
+            answers.append({"room": message["room"], "id": first["id"], "rev": first["rev"], "duplicate": True})
+        return answers
+
+    @staticmethod
+    def _columns(messages: list[dict]) -> tuple:
+        return (
+            [m["room"] for m in messages],
+            [m["name"] for m in messages],
+            [m["account"] for m in messages],
+            [m["msg"].encode("utf-8") for m in messages],
+            [m["ts"] for m in messages],
+            [m["author"] for m in messages],
+            [mentions_json(m.get("mentions")) for m in messages],
+        )
+
+    @staticmethod
+    def _numbered(messages: list[dict], rows) -> list[dict]:
+        """Each message as SPEC's Message, numbered from its room's new last id and rev."""
         counts: dict[str, int] = {}
         for message in messages:
             counts[message["room"]] = counts.get(message["room"], 0) + 1
-        next_id = {row["room"]: row["last_id"] - counts[row["room"]] + 1 for row in rows}
+        next_ = {row["room"]: [row["last_id"] - counts[row["room"]] + 1, row["last_rev"] - counts[row["room"]] + 1] for row in rows}
         stored = []
-        for message in messages:
-            stored.append({"id": next_id[message["room"]], **message})
-            next_id[message["room"]] += 1
+        for m in messages:
+            id_, rev = next_[m["room"]]
+            next_[m["room"]] = [id_ + 1, rev + 1]
+            stored.append(
+                message_dict(m["room"], id_, m["name"], m["account"], m["msg"], m["ts"], rev, None, m.get("mentions"))
+            )
         return stored
 
-    async def history(
-        self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
-    ) -> list[dict]:
-        template, args, newest_first = history_query(room, before, after, limit)
+    async def _change(
+        self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool, mentions: list[str]
+    ) -> dict:
+        """An edit (`msg`, `mentions`) or a delete (`msg` None) in one transaction with the room's next rev.
+
+        The message row is locked first, then the counter: a batch of new messages
+        locks only the counter, so no two writers wait on each other in a circle.
+        """
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT author, deleted, mentions FROM messages WHERE room = $1 AND id = $2 FOR UPDATE", room, id_
+            )
+            if row is None or row["deleted"]:
+                raise ChangeRefused("not_found")
+            if not any_author and (author is None or row["author"] != author):
+                raise ChangeRefused("forbidden")
+            rev = await conn.fetchval(
+                "UPDATE room_counters SET last_rev = last_rev + 1 WHERE room = $1 RETURNING last_rev", room
+            )
+            # The old mentions go from the index (an edit recomputes them, a delete erases them).
+            old = mention_rows(room, id_, row["author"], stored_mentions(row["mentions"]))
+            if old:
+                await conn.executemany("DELETE FROM mentions WHERE account = $1 AND room = $2 AND id = $3", old)
+            if msg is None:
+                # The tombstone keeps only what `since` reports: no name, no text, no author, no mentions.
+                await conn.execute(
+                    "UPDATE messages SET name = '', account = NULL, msg = ''::bytea, edited = NULL, author = NULL, "
+                    "mentions = NULL, deleted = true, rev = $3 WHERE room = $1 AND id = $2",
+                    room, id_, rev,
+                )  # fmt: skip
+                return {"room": room, "id": id_, "rev": rev}
+            new = mention_rows(room, id_, row["author"], mentions)
+            if new:
+                await conn.executemany("INSERT INTO mentions (account, room, id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", new)
+            return _message(
+                await conn.fetchrow(
+                    "UPDATE messages SET msg = $3, edited = $4, rev = $5, mentions = $6 WHERE room = $1 AND id = $2 "
+                    f"RETURNING {HISTORY_COLUMNS}",
+                    room, id_, msg.encode("utf-8"), now, rev, mentions_json(mentions),
+                )
+            )  # fmt: skip
+
+    async def _history_rows(self, template: str, args: tuple, *, changes: bool) -> list[dict]:
+        convert = _history_change if changes else _message
         sql = template.format(*(f"${i}" for i in range(1, len(args) + 1)))
         async with self._connection() as conn:
-            rows = [_message(r) for r in await conn.fetch(sql, *args)]
-        if newest_first:
-            rows.reverse()
-        return rows
+            return [convert(r) for r in await conn.fetch(sql, *args)]
+
+    async def revision(self, room: str) -> tuple[int, int]:
+        async with self._connection() as conn:
+            row = await conn.fetchrow("SELECT last_id, last_rev FROM room_counters WHERE room = $1", room)
+        return (row["last_id"], row["last_rev"]) if row else (0, 0)
+
+    async def prune_client_ids(self, before: float) -> int:
+        async with self._connection() as conn:
+            status = await conn.execute("DELETE FROM client_ids WHERE created < $1", before)
+        return int(status.split()[-1])
 
     # -- rooms of a person, read markers -------------------------------------------
 
@@ -415,8 +563,8 @@ class PostgresStorage(Storage):
                     yield [tuple(r) for r in rows]
 
     async def load(self, table: str, rows: list[tuple]) -> None:
-        if table == "messages":
-            rows = [(*r[:4], r[4].encode("utf-8"), *r[5:]) for r in rows]
+        if table == "messages":  # SQLite's deleted is 0/1
+            rows = [(*r[:4], r[4].encode("utf-8"), *r[5:9], bool(r[9]), *r[10:]) for r in rows]
         async with self._connection() as conn:
             await conn.copy_records_to_table(table, records=rows, columns=list(TABLES[table]))
             if table == "audit":  # copied with their numbers: the sequence continues after them

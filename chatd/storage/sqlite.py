@@ -18,10 +18,27 @@ from typing import AsyncIterator
 
 import aiosqlite
 
-import orjson
-
-from . import HISTORY_DEFAULT, MAX_ID, PRIMARY_KEYS, TABLES, Account, Storage, StorageError, history_query
-from . import COUNT_CAP, DEFAULT_ROOM, MAX_ROOMS, TooManyRooms, mention_rows, room_state
+from . import (
+    CLIENT_ID_SECONDS,
+    COUNT_CAP,
+    DEFAULT_ROOM,
+    HISTORY_COLUMNS,
+    MAX_ID,
+    MAX_ROOMS,
+    PRIMARY_KEYS,
+    TABLES,
+    Account,
+    ChangeRefused,
+    Storage,
+    StorageError,
+    TooManyRooms,
+    deletion,
+    mention_rows,
+    mentions_json,
+    message_dict,
+    room_state,
+    stored_mentions,
+)
 from .group_commit import GroupCommit
 
 LOCK_FILE_NAME = "chatd.lock"
@@ -66,10 +83,32 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE room_counters (room TEXT PRIMARY KEY, last_id INTEGER NOT NULL) WITHOUT ROWID",
         "INSERT INTO room_counters SELECT room, max(id) FROM messages GROUP BY room",
     ],
-    # 3: rooms that follow the person, read markers, mentions (issue 20). A message's
-    # `author` is its writer's owner key; `mentions` a JSON list of usernames (NULL: none).
+    # 3: revisions, edits, deletions (tombstones) and client_ids. Old messages take
+    # their id as rev (one change each, in id order); an account's may be edited by it
+    # (author: its owner key, storage.owner_key).
     [
+        "ALTER TABLE messages ADD COLUMN rev INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN edited REAL",
         "ALTER TABLE messages ADD COLUMN author TEXT",
+        "ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+        "UPDATE messages SET rev = id, author = CASE WHEN account IS NULL THEN NULL ELSE 'a:' || lower(account) END",
+        "CREATE UNIQUE INDEX messages_room_rev ON messages (room, rev)",
+        "ALTER TABLE room_counters ADD COLUMN last_rev INTEGER NOT NULL DEFAULT 0",
+        "UPDATE room_counters SET last_rev = last_id",
+        """CREATE TABLE client_ids (
+            author    TEXT NOT NULL,
+            room      TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            id        INTEGER NOT NULL,
+            rev       INTEGER NOT NULL,
+            created   REAL NOT NULL,
+            PRIMARY KEY (author, room, client_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX client_ids_created ON client_ids (created)",
+    ],
+    # 4: rooms that follow the person, read markers, mentions (issue 20). A message's
+    # `mentions` is a JSON list of usernames (NULL: none); `author` (3) is the owner key.
+    [
         "ALTER TABLE messages ADD COLUMN mentions TEXT",
         "CREATE TABLE room_owners (owner TEXT PRIMARY KEY) WITHOUT ROWID",
         """CREATE TABLE memberships (
@@ -85,7 +124,7 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (account, room, id)
         ) WITHOUT ROWID""",
     ],
-    # 4: moderation (issue 22): owners and topics, moderators, mutes and bans, the audit
+    # 5: moderation (issue 22): owners and topics, moderators, mutes and bans, the audit
     # log; memberships by room for the directory.
     [
         "CREATE TABLE room_info (room TEXT PRIMARY KEY, owner TEXT, topic TEXT NOT NULL) WITHOUT ROWID",
@@ -161,24 +200,30 @@ def _unlock_data_dir(directory: Path) -> None:
 
 
 def _message(row: sqlite3.Row | tuple) -> dict:
-    room, id_, name, account, msg, ts, mentions = row
-    return {
-        "id": id_, "room": room, "name": name, "account": account, "msg": msg, "ts": ts,
-        "mentions": orjson.loads(mentions) if mentions else [],
-    }  # fmt: skip
+    return message_dict(*row[:9])
 
 
-def _mentions_json(message: dict) -> str | None:
-    return orjson.dumps(list(message["mentions"])).decode() if message.get("mentions") else None
+def _history_change(row: sqlite3.Row | tuple) -> dict:
+    """A row of `history` `since`: a Message, or a deletion."""
+    return deletion(row[0], row[1], row[6]) if row[9] else message_dict(*row[:9])
+
+
+# Both connections (the writer thread's and aiosqlite's) set these.
+CONNECTION_PRAGMAS = (
+    "PRAGMA busy_timeout=5000",
+    "PRAGMA synchronous=FULL",  # a commit is on disk before its change is acked
+    "PRAGMA secure_delete=ON",  # an erased message's bytes are overwritten, not left in free pages
+)
 
 
 # Every room of an owner (or one) with its RoomState: the unread and mention counts are
 # index range scans over (room, id) and (account, room, id) after the marker, each
-# stopped at COUNT_CAP rows. ?1 owner, ?2 the account key for mentions (NULL for guests).
+# stopped at COUNT_CAP rows; deleted messages do not count. ?1 owner, ?2 the account
+# key for mentions (NULL for guests). A deletion erases its mention rows.
 ROOM_STATES = f"""
 SELECT m.room, m.read_id, coalesce(c.last_id, 0),
     (SELECT count(*) FROM (SELECT 1 FROM messages x
-        WHERE x.room = m.room AND x.id > m.read_id AND x.author IS NOT ?1 LIMIT {COUNT_CAP})),
+        WHERE x.room = m.room AND x.id > m.read_id AND x.author IS NOT ?1 AND NOT x.deleted LIMIT {COUNT_CAP})),
     (SELECT count(*) FROM (SELECT 1 FROM mentions y
         WHERE y.account = ?2 AND y.room = m.room AND y.id > m.read_id LIMIT {COUNT_CAP}))
 FROM memberships m LEFT JOIN room_counters c ON c.room = m.room
@@ -225,8 +270,8 @@ class _MessageWriter:
 
     def _open(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before its messages are acked
+        for pragma in CONNECTION_PRAGMAS:
+            conn.execute(pragma)
         self._conn = conn
 
     def _close(self) -> None:
@@ -234,52 +279,155 @@ class _MessageWriter:
             self._conn.close()
             self._conn = None
 
+    async def change(self, *args) -> dict:
+        return await self._run(self._change, *args)
+
     def _insert(self, messages: list[dict]) -> list[dict]:
         conn = self._conn
         if conn is None:
             raise StorageError("storage is not open")
-        counts: dict[str, int] = {}
-        for message in messages:
-            counts[message["room"]] = counts.get(message["room"], 0) + 1
         conn.execute("BEGIN IMMEDIATE")
         try:
-            next_id: dict[str, int] = {}
-            for room, count in counts.items():
-                (last_id,) = conn.execute(
-                    "INSERT INTO room_counters (room, last_id) VALUES (?, ?) "
-                    "ON CONFLICT (room) DO UPDATE SET last_id = last_id + excluded.last_id RETURNING last_id",
-                    (room, count),
+            # Repeats of a kept client_id store nothing. The write lock is held and one
+            # process owns the file, so looking first is safe; the primary key guards anyway.
+            cutoff = time.time() - CLIENT_ID_SECONDS
+            firsts: dict[tuple, int] = {}  # key -> position of its first send in this batch
+            repeats: dict[int, dict | int] = {}  # position -> the first send's answer, or its position
+            for pos, message in enumerate(messages):
+                key = _client_key(message)
+                if key is None:
+                    continue
+                if key in firsts:
+                    repeats[pos] = firsts[key]
+                    continue
+                row = conn.execute(
+                    "SELECT id, rev FROM client_ids WHERE author = ? AND room = ? AND client_id = ? AND created >= ?",
+                    (*key, cutoff),
                 ).fetchone()
-                if not isinstance(last_id, int) or last_id > MAX_ID:  # SQLite turns an overflow into a float
-                    raise StorageError(f"room {room!r} has used up its message ids")
-                next_id[room] = last_id - count + 1
-            stored = []
-            for message in messages:
-                stored.append({"id": next_id[message["room"]], **message})
-                next_id[message["room"]] += 1
+                if row is None:
+                    firsts[key] = pos
+                else:
+                    repeats[pos] = {"room": message["room"], "id": row[0], "rev": row[1], "duplicate": True}
+            counts: dict[str, int] = {}
+            for pos, message in enumerate(messages):
+                if pos not in repeats:
+                    counts[message["room"]] = counts.get(message["room"], 0) + 1
+            next_id: dict[str, int] = {}
+            next_rev: dict[str, int] = {}
+            for room, count in counts.items():
+                last_id, last_rev = conn.execute(
+                    "INSERT INTO room_counters (room, last_id, last_rev) VALUES (?, ?, ?) "
+                    "ON CONFLICT (room) DO UPDATE SET last_id = last_id + excluded.last_id, "
+                    "last_rev = last_rev + excluded.last_rev RETURNING last_id, last_rev",
+                    (room, count, count),
+                ).fetchone()
+                if not isinstance(last_id, int) or last_id > MAX_ID or not isinstance(last_rev, int):
+                    raise StorageError(f"room {room!r} has used up its message ids")  # an overflow is a float
+                next_id[room], next_rev[room] = last_id - count + 1, last_rev - count + 1
+            answers: list = []
+            rows = []
+            mentioned: list[tuple[str, str, int]] = []  # rows of the mentions index
+            for pos, message in enumerate(messages):
+                if pos in repeats:
+                    answers.append(None)
+                    continue
+                room = message["room"]
+                id_, rev = next_id[room], next_rev[room]
+                next_id[room], next_rev[room] = id_ + 1, rev + 1
+                name, account, msg, ts = message["name"], message["account"], message["msg"], message["ts"]
+                answers.append(message_dict(room, id_, name, account, msg, ts, rev, None, message.get("mentions")))
+                mentions = message.get("mentions") or []
+                rows.append((room, id_, name, account, msg, ts, rev, message["author"], mentions_json(mentions)))
+                mentioned += mention_rows(room, id_, message["author"], mentions)
             conn.executemany(
-                "INSERT INTO messages (room, id, name, account, msg, ts, author, mentions) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (m["room"], m["id"], m["name"], m["account"], m["msg"], m["ts"], m.get("author"), _mentions_json(m))
-                    for m in stored
-                ],
+                "INSERT INTO messages (room, id, name, account, msg, ts, rev, author, mentions) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
             # Sending moves the sender's read marker to the message (never back).
             conn.executemany(
                 "UPDATE memberships SET read_id = max(read_id, ?) WHERE owner = ? AND room = ?",
-                [(m["id"], m["author"], m["room"]) for m in stored if m.get("author")],
+                [(r[1], r[7], r[0]) for r in rows if r[7] is not None],
             )
-            conn.executemany(
-                "INSERT OR IGNORE INTO mentions (account, room, id) VALUES (?, ?, ?)",
-                [row for m in stored for row in mention_rows(m)],
-            )
+            conn.executemany("INSERT OR IGNORE INTO mentions (account, room, id) VALUES (?, ?, ?)", mentioned)
+            if firsts:  # an expired key of the same name is replaced
+                conn.executemany(
+                    "INSERT OR REPLACE INTO client_ids (author, room, client_id, id, rev, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(*key, answers[pos]["id"], answers[pos]["rev"], answers[pos]["ts"]) for key, pos in firsts.items()],
+                )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return stored
+        for pos, first in repeats.items():
+            answers[pos] = first if isinstance(first, dict) else _duplicate(answers[first])
+        return answers
+
+    def _change(
+        self, room: str, id_: int, author: str | None, msg: str | None, now: float, any_author: bool, mentions: list[str]
+    ) -> dict:
+        """An edit (`msg`, `mentions`) or a delete (`msg` None) in one transaction with the room's next rev."""
+        conn = self._conn
+        if conn is None:
+            raise StorageError("storage is not open")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "SELECT author, deleted, mentions FROM messages WHERE room = ? AND id = ?", (room, id_)
+            ).fetchone()
+            if row is None or row[1]:
+                raise ChangeRefused("not_found")
+            if not any_author and (author is None or row[0] != author):
+                raise ChangeRefused("forbidden")
+            (rev,) = conn.execute(
+                "UPDATE room_counters SET last_rev = last_rev + 1 WHERE room = ? RETURNING last_rev", (room,)
+            ).fetchone()
+            # The old mentions go from the index (an edit recomputes them, a delete erases them).
+            conn.executemany(
+                "DELETE FROM mentions WHERE account = ? AND room = ? AND id = ?",
+                mention_rows(room, id_, row[0], stored_mentions(row[2])),
+            )
+            if msg is None:
+                # The tombstone keeps only what `since` reports: no name, no text, no author, no mentions.
+                conn.execute(
+                    "UPDATE messages SET name = '', account = NULL, msg = '', edited = NULL, author = NULL, "
+                    "mentions = NULL, deleted = 1, rev = ? WHERE room = ? AND id = ?",
+                    (rev, room, id_),
+                )
+                answer = {"room": room, "id": id_, "rev": rev}
+            else:
+                answer = _message(
+                    conn.execute(
+                        "UPDATE messages SET msg = ?, edited = ?, rev = ?, mentions = ? WHERE room = ? AND id = ? "
+                        f"RETURNING {HISTORY_COLUMNS}",
+                        (msg, now, rev, mentions_json(mentions), room, id_),
+                    ).fetchone()
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO mentions (account, room, id) VALUES (?, ?, ?)",
+                    mention_rows(room, id_, row[0], mentions),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if msg is None:
+            # Old versions of the page live on in the WAL until it is written back and cut:
+            # truncate it now (secure_delete has already zeroed the freed bytes in the file).
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return answer
+
+
+def _client_key(message: dict) -> tuple[str, str, str] | None:
+    if message.get("client_id") is None or message.get("author") is None:
+        return None
+    return (message["author"], message["room"], message["client_id"])
+
+
+def _duplicate(first: dict) -> dict:
+    return {"room": first["room"], "id": first["id"], "rev": first["rev"], "duplicate": True}
 
 
 class SqliteStorage(Storage):
@@ -308,10 +456,9 @@ class SqliteStorage(Storage):
             # (switching to WAL while another connection is mid-open can fail as "locked").
             async with self._owner.opening:
                 self._db = await self._connect()
-                await self.db.execute("PRAGMA busy_timeout=5000")
                 await self.db.execute("PRAGMA journal_mode=WAL")
-                # FULL: a commit is on disk before we ack the message it holds.
-                await self.db.execute("PRAGMA synchronous=FULL")
+                for pragma in CONNECTION_PRAGMAS:
+                    await self.db.execute(pragma)
                 await self._migrate()
                 await self._load_revoked()
                 self._writer = _MessageWriter(self.path)
@@ -386,13 +533,10 @@ class SqliteStorage(Storage):
 
     # -- messages --------------------------------------------------------------
 
-    async def add_message(
-        self, room: str, name: str, account: str | None, msg: str, ts: float, *, author=None, mentions=()
-    ) -> dict:
-        message = {"room": room, "name": name, "account": account, "msg": msg, "ts": ts}
-        stored = await self._group_commit.submit({**message, "author": author, "mentions": list(mentions)})
-        del stored["author"]  # not part of SPEC's Message
-        return stored
+    async def _change(self, *args) -> dict:
+        if self._writer is None:
+            raise StorageError("storage is not open")
+        return await self._writer.change(*args)
 
     async def _insert_batch(self, messages: list[dict]) -> list[dict]:
         """One transaction for everything that arrived together, in one trip to the writer thread."""
@@ -400,16 +544,22 @@ class SqliteStorage(Storage):
             raise StorageError("storage is not open")
         return await self._writer.insert(messages)
 
-    async def history(
-        self, room: str, *, before: int | None = None, after: int | None = None, limit: int = HISTORY_DEFAULT
-    ) -> list[dict]:
-        template, args, newest_first = history_query(room, before, after, limit)
-        sql = template.format(*("?" * len(args)))
-        async with self._turn, self.db.execute(sql, args) as cur:
-            rows = [_message(r) for r in await cur.fetchall()]
-        if newest_first:
-            rows.reverse()
-        return rows
+    async def _history_rows(self, template: str, args: tuple, *, changes: bool) -> list[dict]:
+        convert = _history_change if changes else _message
+        async with self._turn, self.db.execute(template.format(*("?" * len(args))), args) as cur:
+            return [convert(r) for r in await cur.fetchall()]
+
+    async def revision(self, room: str) -> tuple[int, int]:
+        async with self._turn, self.db.execute(
+            "SELECT last_id, last_rev FROM room_counters WHERE room = ?", (room,)
+        ) as cur:
+            row = await cur.fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    async def prune_client_ids(self, before: float) -> int:
+        async with self._turn:
+            cur = await self.db.execute("DELETE FROM client_ids WHERE created < ?", (before,))
+            return cur.rowcount
 
     # -- rooms of a person, read markers -------------------------------------------
 

@@ -14,7 +14,7 @@ export class ChatError extends Error {
 
 export class Connection {
   /**
-   * handlers: welcome(w), chat(message), presence(p), error(ChatError),
+   * handlers: welcome(w), chat(message), edited(message), deleted({room, id, rev}), presence(p), error(ChatError),
    * dropped() — the transport went, socket.io-client is reconnecting by itself;
    * ended(reason) — the server ended this socket for good (session_ended, or a refused handshake).
    */
@@ -33,6 +33,8 @@ export class Connection {
       });
     on("welcome", handlers.welcome);
     on("new chat", handlers.chat);
+    on("chat edited", handlers.edited);
+    on("chat deleted", handlers.deleted);
     on("presence", handlers.presence);
     on("chat_error", (e) => handlers.error(new ChatError(e.error, e.message, e.retry_after)));
     on("session_ended", ({ reason }) => {

@@ -16,6 +16,7 @@ export class Room {
     this.mentions = 0;
     this.readId = 0; // the read marker, as far as this page knows
     this.hasOlder = true; // false once the start of the room's history is loaded
+    this.maxRev = null; // the highest revision seen: where `history` `since` catches up from
   }
 
   get firstId() {
@@ -30,12 +31,45 @@ export class Room {
   merge(messages) {
     const added = [];
     for (const message of messages) {
+      // A never-edited message's rev is when it was sent: every change before it has reached
+      // this page (history stops there, live changes follow). An edited one may be newer than
+      // live changes still on their way, so only the live stream and `since` count those.
+      if (message.edited == null) this.sawRev(message.rev);
       if (this.ids.has(message.id)) continue;
       this.ids.add(message.id);
       this.messages.splice(this.#insertionIndex(message.id), 0, message);
       added.push(message);
     }
     return added;
+  }
+
+  sawRev(rev) {
+    if (Number.isInteger(rev) && rev > (this.maxRev ?? 0)) this.maxRev = rev;
+  }
+
+  /** The held message with this id, or null. */
+  find(id) {
+    const message = this.messages[this.#insertionIndex(id)];
+    return message?.id === id ? message : null;
+  }
+
+  /** Put an edited message in place of the one held with its id (if it is newer); the old one, or null. */
+  replace(message) {
+    this.sawRev(message.rev);
+    const old = this.find(message.id);
+    if (!old || old.rev >= message.rev) return null;
+    this.messages[this.#insertionIndex(message.id)] = message;
+    return old;
+  }
+
+  /** Drop a deleted message; the one that was held, or null. */
+  remove(id, rev) {
+    this.sawRev(rev);
+    const old = this.find(id);
+    if (!old) return null;
+    this.messages.splice(this.#insertionIndex(id), 1);
+    this.ids.delete(id);
+    return old;
   }
 
   /** The message that follows `message` (by id), or null: where to insert it in the DOM. */

@@ -148,6 +148,7 @@ function messageNode(message, me) {
   if (message.account) author.classList.add("is-account");
   const meta = make("p", "meta");
   meta.append(author, " ", time);
+  if (message.edited) meta.append(" ", make("span", "edited", "(edited)"));
   item = make("li", isMine(message, me) ? "message mine" : "message");
   const account = me?.account?.toLowerCase();
   if (account && (message.mentions ?? []).some((name) => name.toLowerCase() === account)) {
@@ -155,8 +156,38 @@ function messageNode(message, me) {
   }
   item.dataset.id = message.id;
   item.append(meta, make("p", "text", message.msg));
+  if (isMine(message, me)) item.append(messageActions(["edit", "delete"]));
+  // Moderators delete anyone's message in a public room; the page cannot tell who moderates,
+  // so an account sees Delete and the server answers `forbidden` to the others (js/moderation.js).
+  else if (me?.account && !message.room.startsWith("@")) item.append(messageActions(["delete"]));
   nodes.set(message, item);
   return item;
+}
+
+const ACTION_LABELS = { edit: "Edit", delete: "Delete" };
+
+/** Edit and Delete for one's own messages, Delete for a moderator (public/js/messages.js handles the clicks). */
+function messageActions(which) {
+  const actions = make("span", "actions");
+  for (const action of which) {
+    const button = make("button", "quiet", ACTION_LABELS[action]);
+    button.type = "button";
+    button.dataset.action = action;
+    actions.append(button);
+  }
+  return actions;
+}
+
+/** An edited message of the shown room: its new node in place of the old one's. */
+export function replaceMessage(room, old, message, me) {
+  nodes.get(old)?.replaceWith(messageNode(message, me));
+  markGroup(room, message, me);
+}
+
+/** A deleted message of the shown room: its node goes, and the next one may start a group now. */
+export function removeMessage(room, old, next, me) {
+  nodes.get(old)?.remove();
+  if (next) markGroup(room, next, me);
 }
 
 const sameDay = (a, b) => a.toDateString() === b.toDateString();
