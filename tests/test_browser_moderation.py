@@ -24,7 +24,7 @@ from test_browser import (  # noqa: F401 (fixtures)
 )
 from test_browser_rooms import join
 
-pytestmark = pytest.mark.storage
+pytestmark = pytest.mark.browser
 
 
 async def account(open_page, url: str, name: str):
