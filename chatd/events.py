@@ -66,7 +66,8 @@ class ChatEvents:
 
     async def send_chat(self, sid: str, payload) -> dict:
         command = parse_send_chat(payload)
-        await self.moderation.admit(self.sockets[sid], command.room)
+        # A banned session is not in the room (not_in_room): only the direct-room rule and a mute.
+        self.moderation.check_direct(self.sockets[sid], command.room)
         state = self._joined(sid, command.room)
         await self.moderation.may_send(state, command.room)
         user = state.user

@@ -57,23 +57,32 @@ class Moderation:
 
     # -- checks for join, history and send chat ---------------------------------------
 
-    async def admit(self, state: SocketState, room: str) -> None:
-        """May this session see the room at all: a direct room only its two accounts
-        (`forbidden`), a public room everybody it does not ban (`banned`)."""
+    @staticmethod
+    def check_direct(state: SocketState, room: str) -> None:
+        """A direct room is its two accounts' only (`forbidden`)."""
         if is_direct(room):
             account = state.user.account
             if account is None or account.lower() not in direct_pair(room):
                 raise EventError("forbidden", "This direct room is between two other accounts.")
+
+    async def admit(self, state: SocketState, room: str) -> None:
+        """May this session see the room at all (`join`, `history`): a direct room only its two
+        accounts (`forbidden`), a public room everybody it does not ban (`banned`)."""
+        self.check_direct(state, room)
+        if is_direct(room):
             return
         _, banned = await self.storage.sanction(room, state.owner)
         if banned:
             raise EventError("banned", f"You are banned from '{room}'.")
 
     async def may_send(self, state: SocketState, room: str) -> None:
-        """`muted`, with `retry_after`, while the session is muted in the room."""
+        """`send chat`, `edit chat`: `muted`, with `retry_after`, while the session is muted in
+        the room; a banned one is out of it already, or about to be."""
         if is_direct(room):
             return
-        muted_until, _ = await self.storage.sanction(room, state.owner)
+        muted_until, banned = await self.storage.sanction(room, state.owner)
+        if banned:  # its sockets are leaving the room on every process (a control message away)
+            raise EventError("not_in_room", f"Join '{room}' first.")
         left = muted_until - time.time()
         if left > 0:
             raise EventError("muted", "You are muted in this room.", retry_after=math.ceil(left))
