@@ -102,6 +102,11 @@ async def test_a_ban_seen_from_both_sides(start_chatd, open_page):
     await join(guest, "den")
     guest_name = (await my_name(guest).text_content()).strip()
     await expect(member(mod, guest_name)).to_have_count(1)
+    # A moderator deletes anyone's message in its room; it goes from every page.
+    await send(guest, "buy cheap pills")
+    await message(mod, "buy cheap pills").get_by_role("button", name="Delete").click()
+    for page in (mod, guest):
+        await expect(message(page, "buy cheap pills")).to_have_count(0)
 
     await member(mod, guest_name).click()
     menu = mod.get_by_role("menu")
