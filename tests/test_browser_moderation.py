@@ -4,24 +4,12 @@ Screenshots: /tmp/directory.png and /tmp/modmenu.png (and test-artifacts/)."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 from playwright.async_api import expect
 
-from test_browser import (  # noqa: F401 (fixtures)
-    ARTIFACTS,
-    browser,
-    login_form,
-    message,
-    my_name,
-    online,
-    online_now,
-    open_page,
-    room_button,
-    screenshot,
-    send,
-)
+from test_browser import browser, open_page  # noqa: F401 (fixtures)
+from test_browser import login_form, message, my_name, online, online_now, room_button, screenshot, send
 from test_browser_rooms import join
 
 pytestmark = pytest.mark.browser

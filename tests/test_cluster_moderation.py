@@ -12,6 +12,7 @@ import pytest
 
 from cluster_service import Cluster, running_cluster
 from conftest import SocketClient, Visitor
+from test_cluster import visitors  # noqa: F401 (fixture: visitors of any process's URL)
 
 pytestmark = pytest.mark.cluster
 
@@ -23,20 +24,6 @@ def cluster(tmp_path_factory, pg_server) -> Cluster:
     root = tmp_path_factory.mktemp("cluster-moderation")
     with running_cluster(root, pg_server[0], "--chat-rate", "0", "--operator", "oper", processes=3) as cluster:
         yield cluster
-
-
-@pytest.fixture
-async def visitors():
-    made: list[Visitor] = []
-
-    async def make(url: str) -> Visitor:
-        visitor = Visitor(url)
-        made.append(visitor)
-        return visitor
-
-    yield make
-    for visitor in made:
-        await visitor.close()
 
 
 async def tab(visitor: Visitor) -> SocketClient:
