@@ -1,5 +1,6 @@
 """The command line: `python -m chatd [flags]` serves; `python -m chatd keygen` prints a key;
-`python -m chatd copy-data --from A --to B` copies a chat between storages."""
+`python -m chatd copy-data --from A --to B` copies a chat between storages;
+`python -m chatd audit` prints the moderation log."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["copy-data"]:
         return copy_data_command(argv[1:])
+    if argv[:1] == ["audit"]:
+        return audit_command(argv[1:])
     untested = untested_versions()
     if untested:  # chatd/sio relies on these libraries' internals as they were checked
         print(f"chatd: untested library versions: {'; '.join(untested)}; install chatd's pinned ranges", file=sys.stderr)
@@ -97,6 +101,29 @@ def copy_data_command(argv: list[str]) -> int:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2
     print("copied " + ", ".join(f"{n} {table}" for table, n in copied.items()))
+    return 0
+
+
+def audit_command(argv: list[str]) -> int:
+    from .storage.audit import print_audit
+
+    parser = argparse.ArgumentParser(
+        prog="python -m chatd audit", description="Print the moderation log, newest first: time, actor, action, target, room."
+    )
+    parser.add_argument("--room", help="only this room's actions")
+    parser.add_argument("--limit", type=int, default=50, help="at most this many lines (default 50)")
+    parser.add_argument("--data-dir", help="the data dir of a chatd on SQLite (CHATD_DATA_DIR; default ./chatd-data)")
+    parser.add_argument("--database-url", metavar="URL", help="the PostgreSQL of a chatd (CHATD_DATABASE_URL)")
+    args = parser.parse_args(argv)
+    if args.limit < 1:
+        parser.error("--limit is at least 1")
+    url = args.database_url or os.environ.get("CHATD_DATABASE_URL")
+    data_dir = Path(args.data_dir or os.environ.get("CHATD_DATA_DIR") or Config().data_dir)
+    try:
+        print_audit(url, data_dir, args.room, args.limit)
+    except StorageError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

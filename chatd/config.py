@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cryptography.fernet import Fernet
 
 KEY_FILE_NAME = "secret.key"
 DATABASE_FILE_NAME = "chatd.sqlite3"
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.\-]{3,24}")  # as accounts.py: an --operator is a username
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -42,6 +44,7 @@ class Config:
     guest_rate: float = 0.2  # per second; 0 switches the limit on new identities off
     trusted_proxies: tuple[str, ...] = ()  # IP addresses or CIDR networks
     metrics: bool = False
+    operators: tuple[str, ...] = ()  # lower-cased usernames of accounts that moderate every room
     websocket_compression: bool = False  # permessage-deflate when a client offers it
     # Fernet keys: the first encrypts, all of them decrypt.
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -193,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--operator",
+        action="append",
+        metavar="USERNAME",
+        help="an account that moderates every room; repeatable (CHATD_OPERATOR, comma-separated)",
+    )
+    parser.add_argument(
         "--metrics",
         action="store_const",
         const="true",
@@ -249,6 +258,7 @@ def config_from_args(argv: list[str] | None = None, environ: dict[str, str] | No
 
     origins = listed("allow-origin", args.allow_origin)
     proxies = listed("trusted-proxy", args.trusted_proxy)
+    operators = listed("operator", args.operator)
 
     level = (log_level or defaults.log_level).lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -274,8 +284,16 @@ def config_from_args(argv: list[str] | None = None, environ: dict[str, str] | No
         ),
         trusted_proxies=tuple(parse_network(p, src) for p, src in proxies),
         metrics=parse_bool(metrics, metrics_src) if metrics is not None else False,
+        operators=tuple(parse_operator(name, src) for name, src in operators),
         websocket_compression=parse_bool(compression, compression_src) if compression is not None else False,
     )
+
+
+def parse_operator(text: str, source: str) -> str:
+    name = text.strip()
+    if not USERNAME_RE.fullmatch(name):
+        raise ConfigError(f"{source}: not a username (3 to 24 of A-Z a-z 0-9 _ . -): {text!r}")
+    return name.lower()
 
 
 def generate_key() -> str:

@@ -1,5 +1,5 @@
 """What a connected client may ask: `send chat`, `edit chat`, `delete chat`, `join`, `leave`, `history`,
-`read`, `typing`.
+`read`, `typing` (moderation.py adds the directory and moderation's events, and the checks these make).
 
 Each handler takes the socket id and the event's payload and returns the ack
 (`{"ok": true, …}`); it raises `EventError` for SPEC's error codes. The gate
@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from . import mentions
 from .limits import ChatRateLimiter
 from .metrics import Metrics
+from .moderation import Moderation
 from .rooms import Rooms, SocketState
 from .sio.jsonhook import JsonText
 from .sio.server import Handler
-from .storage import MAX_ROOMS, ChangeRefused, Storage, TooManyRooms
+from .storage import MAX_ROOMS, ChangeRefused, Storage, TooManyRooms, direct_pair, is_direct
 from .validation import ID_MAX, EventError, parse_history, parse_message_ref, parse_read, parse_room, parse_send_chat
 
-TOPIC = ""  # rooms have no topics yet (SPEC's `topic` comes with moderation)
 TYPING_EVERY = 2.0  # seconds: at most one `typing` per session per room this often
 TYPING_MAX_ONLINE = 100  # nothing is relayed in a room with more sessions online
 TYPING_REMEMBERED = 10_000  # throttle entries kept before the stale ones are swept
@@ -33,6 +33,7 @@ class ChatEvents:
     metrics: Metrics
     rooms: Rooms
     rate_limiter: ChatRateLimiter
+    moderation: Moderation
     _typed: dict[tuple[str, str], float] = field(default_factory=dict, init=False)  # (member id, room) -> last relayed
 
     def table(self) -> dict[str, Handler]:
@@ -46,6 +47,7 @@ class ChatEvents:
             "history": self.history,
             "read": self.read,
             "typing": self.typing,
+            **self.moderation.table(),
         }
 
     def _joined(self, sid: str, room: str) -> SocketState:
@@ -64,7 +66,10 @@ class ChatEvents:
 
     async def send_chat(self, sid: str, payload) -> dict:
         command = parse_send_chat(payload)
+        # A banned session is not in the room (not_in_room): only the direct-room rule and a mute.
+        self.moderation.check_direct(self.sockets[sid], command.room)
         state = self._joined(sid, command.room)
+        await self.moderation.may_send(state, command.room)
         user = state.user
         await self._take_token(user.sid)
         named = await mentions.resolve(self.storage, command.msg)
@@ -79,11 +84,24 @@ class ChatEvents:
         # Storing it moved the sender's marker to it; it was the room's last message then.
         moved = {"room": command.room, "last_id": message["id"], "read_id": message["id"], "unread": 0, "mentions": 0}
         await self.rooms.marker_moved(state.owner, moved, sid)
+        if is_direct(command.room):  # back into the other account's rooms, if it had left
+            await self._add_other(state, command.room)
         return {"ok": True, "id": message["id"], "rev": message["rev"]}
+
+    async def _add_other(self, state: SocketState, room: str) -> None:
+        """A direct room is in both accounts' rooms: the other's sockets, everywhere, are told."""
+        other = "a:" + next(name for name in direct_pair(room) if "a:" + name != state.owner)
+        try:
+            added = await self.storage.join_room(other, room)
+        except TooManyRooms:  # it is there for them to join once they have room
+            return
+        if added:
+            await self.rooms.person_changed(other, "joined", room, "")
 
     async def edit_chat(self, sid: str, payload) -> dict:
         command = parse_message_ref(payload, with_msg=True)
         state = self._joined(sid, command.room)
+        await self.moderation.may_send(state, command.room)
         await self._take_token(state.user.sid)
         named = await mentions.resolve(self.storage, command.msg)  # an edit recomputes them (SPEC)
         message = await self._change(self.storage.edit_message, command, state.owner, command.msg, time.time(), named)
@@ -93,16 +111,20 @@ class ChatEvents:
     async def delete_chat(self, sid: str, payload) -> dict:
         command = parse_message_ref(payload, with_msg=False)
         state = self._joined(sid, command.room)
-        deleted = await self._change(
-            self.storage.delete_message, command, state.owner, any_author=await self.moderates(state, command.room)
-        )
+        try:
+            deleted = await self._change(self.storage.delete_message, command, state.owner, any_author=False)
+        except EventError as refused:  # not its author: a moderator may still delete it
+            if refused.code != "forbidden" or not await self.moderates(state, command.room):
+                raise
+            deleted = await self._change(self.storage.delete_message, command, state.owner, any_author=True)
+            await self.moderation.deleted(state, command.room, command.id)
         await self.rooms.publish_change("deleted", deleted)
         return {"ok": True, "rev": deleted["rev"]}
 
     async def moderates(self, state: SocketState, room: str) -> bool:
         """Whether the socket's session may delete anyone's message in `room` (SPEC: the room's
-        moderators). The hook for moderation (issue 22); until then only authors delete."""
-        return False
+        moderators; direct rooms have none)."""
+        return await self.moderation.moderates(state, room)
 
     @staticmethod
     async def _change(apply, command, *args, **kwargs) -> dict:
@@ -118,6 +140,9 @@ class ChatEvents:
     async def join(self, sid: str, payload) -> dict:
         room = parse_room(payload)
         state = self.sockets[sid]
+        await self.moderation.admit(state, room)
+        if is_direct(room) and room not in state.rooms:
+            await self._check_other(state, room)
         if room in state.rooms:  # already live here: a history up to what it was sent
             history, online = await self.rooms.again(state, room)
         else:
@@ -128,14 +153,23 @@ class ChatEvents:
             history, online = await self.rooms.enter(sid, state, room)
             if added:  # the owner's other sockets, on every process, enter it too
                 await self.rooms.person_changed(state.owner, "joined", room, sid)
+            await self.moderation.joined(state, room)
+            if is_direct(room):
+                await self._add_other(state, room)
         found = await self.storage.room_states(state.owner, room)
         room_state = found[0] if found else {"last_id": 0, "read_id": 0, "unread": 0, "mentions": 0}
         # The list goes into the ack as the text presence keeps, not re-encoded.
         return {
-            "ok": True, "room": room, "topic": TOPIC, "history": history,
+            "ok": True, "room": room, "topic": await self.moderation.topic_of(room), "history": history,
             "online": JsonText(online.text), "online_count": online.count,
             **{k: v for k, v in room_state.items() if k != "room"},
         }  # fmt: skip
+
+    async def _check_other(self, state: SocketState, room: str) -> None:
+        """Joining a direct room: the other account exists."""
+        other = next(name for name in direct_pair(room) if "a:" + name != state.owner)
+        if await self.storage.find_account(other) is None:
+            raise EventError("not_found", f"No account '{other}'.")
 
     async def leave(self, sid: str, payload) -> dict:
         room = parse_room(payload)
@@ -147,6 +181,7 @@ class ChatEvents:
 
     async def history(self, sid: str, payload) -> dict:
         query = parse_history(payload)
+        await self.moderation.admit(self.sockets[sid], query.room)
         self._joined(sid, query.room)
         # The rev first: the messages read after it are at least that new, so a client
         # that goes on `since` this rev misses nothing (at worst it sees a change twice).

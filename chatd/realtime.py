@@ -19,6 +19,7 @@ from .events import ChatEvents
 from .handshake import Handshake
 from .limits import ChatRateLimiter
 from .metrics import Metrics
+from .moderation import Moderation
 from .presence import Presence, Publish
 from .rooms import Rooms, SocketState
 from .sio.managers import LocalManager, RedisClientManager
@@ -40,6 +41,7 @@ class Realtime:
         metrics: Metrics | None = None,
         client_manager: RedisClientManager | None = None,
         websocket_compression: bool = False,
+        operators: tuple[str, ...] = (),
     ) -> None:
         self.metrics = metrics or Metrics()
         self.tasks = TaskOwner("realtime")
@@ -58,7 +60,8 @@ class Realtime:
         self.rooms = Rooms(self.sio, self.sockets, storage, presence, client_manager)
         self.endings = SessionEndings(self.sio, self.sockets, self.tasks, client_manager)
         self.handshake = Handshake(self.sio, self.sockets, storage, self.metrics, self.rooms, self.endings, self.disconnect)
-        self.events = ChatEvents(self.sockets, storage, self.metrics, self.rooms, rate_limiter)
+        self.moderation = Moderation(self.sockets, storage, self.rooms, operators)
+        self.events = ChatEvents(self.sockets, storage, self.metrics, self.rooms, rate_limiter, self.moderation)
         self.sio.on("connect", self.handshake.connect)
         self.sio.on("disconnect", self.disconnect)
         self.sio.events.update(self.events.table())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .storage import DEFAULT_ROOM, HISTORY_DEFAULT, HISTORY_MAX
 
 ROOM_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+DIRECT_RE = re.compile(r"@([a-z0-9_.-]{3,24})\+([a-z0-9_.-]{3,24})")  # both accounts, sorted, distinct
 CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MSG_MAX = 2000
 # The largest id storage can hold (SQLite and PostgreSQL: signed 64 bits). A
@@ -38,12 +39,12 @@ def _field(payload: dict, name: str, kind: type, *, required: bool):
             raise EventError("invalid_request", f"'{name}' is required.")
         return None
     # bool is an int in Python, but not a number in JSON's sense here.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise EventError("invalid_request", f"'{name}' must be {_TYPE_WORDS[kind]}.")
     return value
 
 
-_TYPE_WORDS = {str: "a string", int: "an integer"}
+_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 def _object(payload) -> dict:
@@ -53,6 +54,11 @@ def _object(payload) -> dict:
 
 
 def check_room(room: str) -> str:
+    direct = DIRECT_RE.fullmatch(room)
+    if direct is not None:
+        if not direct.group(1) < direct.group(2):
+            raise EventError("invalid_room", "A direct room names two different accounts in sorted order.")
+        return room
     if not ROOM_RE.fullmatch(room):
         raise EventError(
             "invalid_room", "Room names are 1 to 32 of a-z, 0-9 and '-', starting with a letter or digit."
@@ -155,3 +161,83 @@ def parse_history(payload) -> HistoryQuery:
     elif not 1 <= limit <= HISTORY_MAX:
         raise EventError("invalid_request", f"'limit' is 1 to {HISTORY_MAX}.")
     return HistoryQuery(room=room, before=before, after=after, limit=limit, since=since)
+
+
+# -- the directory and moderation (moderation.py) ----------------------------------------
+
+QUERY_MAX = 32  # SPEC: `rooms` `query`
+DIRECTORY_DEFAULT = 50
+TOPIC_MAX = 200  # SPEC: characters after trimming
+MUTE_MAX = 86400  # seconds
+MEMBER_ID_RE = CLIENT_ID_RE  # member ids: 1 to 64 URL-safe characters too
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Whom a moderator acts on: a guest session by member id, or an account by username."""
+
+    room: str
+    member: str | None
+    username: str | None
+
+
+def parse_directory(payload) -> tuple[str, int]:
+    payload = _object(payload)
+    query = _field(payload, "query", str, required=False) or ""
+    limit = _field(payload, "limit", int, required=False)
+    if len(query) > QUERY_MAX:
+        raise EventError("invalid_request", f"'query' is at most {QUERY_MAX} characters.")
+    if limit is None:
+        limit = DIRECTORY_DEFAULT
+    elif not 1 <= limit <= HISTORY_MAX:
+        raise EventError("invalid_request", f"'limit' is 1 to {HISTORY_MAX}.")
+    return query.strip().lower(), limit
+
+
+def parse_topic(payload) -> tuple[str, str]:
+    payload = _object(payload)
+    room = _field(payload, "room", str, required=True)
+    topic = _field(payload, "topic", str, required=True)
+    room = check_room(room)
+    topic = topic.strip()
+    if len(topic) > TOPIC_MAX:
+        raise EventError("invalid_request", f"A topic is at most {TOPIC_MAX} characters.")
+    try:
+        topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError("invalid_request", "The topic is not valid Unicode.") from None
+    if "\x00" in topic:  # a topic is one line of text (and PostgreSQL text cannot hold U+0000)
+        raise EventError("invalid_request", "The topic cannot hold U+0000.")
+    return room, topic
+
+
+def parse_moderator(payload) -> tuple[str, str, bool]:
+    payload = _object(payload)
+    room = _field(payload, "room", str, required=True)
+    username = _field(payload, "username", str, required=True)
+    on = _field(payload, "on", bool, required=True)
+    return check_room(room), username, on
+
+
+def parse_target(payload) -> Target:
+    """`member` or `username`, exactly one of the two."""
+    payload = _object(payload)
+    room = _field(payload, "room", str, required=True)
+    member = _field(payload, "member", str, required=False)
+    username = _field(payload, "username", str, required=False)
+    if (member is None) == (username is None):
+        raise EventError("invalid_request", "Name exactly one of 'member' and 'username'.")
+    return Target(room=check_room(room), member=member, username=username)
+
+
+def parse_mute(payload) -> tuple[Target, int]:
+    seconds = _field(_object(payload), "seconds", int, required=True)  # types before values
+    target = parse_target(payload)
+    if not 0 <= seconds <= MUTE_MAX:
+        raise EventError("invalid_request", f"'seconds' is 0 to {MUTE_MAX}.")
+    return target, seconds
+
+
+def parse_ban(payload) -> tuple[Target, bool]:
+    on = _field(_object(payload), "on", bool, required=True)  # types before values
+    return parse_target(payload), on

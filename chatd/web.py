@@ -116,6 +116,7 @@ def create_app(config: Config, *, storage: Storage | None = None) -> web.Applica
         metrics=metrics,
         client_manager=client_manager,
         websocket_compression=config.websocket_compression,
+        operators=config.operators,
     )
 
     app.router.add_get("/", http_api.index)

@@ -15,6 +15,7 @@ import * as api from "./js/api.js";
 import { Connection } from "./js/connection.js";
 import { applyState, markRead, mentionsMe, Notifier, Typing } from "./js/follow.js";
 import { Outbox, applyChanges, attachMessageActions, catchUpSince, removeMessage } from "./js/messages.js";
+import { installModeration } from "./js/moderation.js";
 import { HISTORY_PAGE, Rooms } from "./js/rooms.js";
 import * as view from "./js/view.js";
 import { el } from "./js/view.js";
@@ -23,6 +24,16 @@ const RECOVER_DELAY_MS = 1500;
 const RECOVER_DELAY_MAX_MS = 30000;
 
 const rooms = new Rooms();
+// The directory, topics, direct rooms and moderators' actions (js/moderation.js).
+const moderation = installModeration({
+  request: (event, payload) => connection.request(event, payload),
+  me: () => me,
+  current: () => rooms.current,
+  member: (id) => rooms.get(rooms.current)?.online.byId.get(id),
+  open: (name) => openRoom(name).catch(showError),
+  notice: (text) => view.showNotice(text),
+  error: (error) => showError(error),
+});
 const typing = new Typing(el.typing);
 const notifier = new Notifier(el.notify);
 let me = null; // {name, account, id}: id (the public member id) once welcomed
@@ -64,7 +75,11 @@ function connect() {
     ended: onEnded,
   });
   connection.on("joined", ({ room }) => enterRoom(connection, room).catch(showError));
-  connection.on("left", ({ room }) => rooms.has(room) && dropRoom(room));
+  connection.on("left", (event) => {
+    if (rooms.has(event.room)) dropRoom(event.room);
+    moderation.removed(event);
+  });
+  connection.on("room updated", (event) => moderation.updated(event));
   connection.on("room state", onRoomState);
   connection.on("typing", (event) => typing.heard(event));
   ready = false;
@@ -94,6 +109,8 @@ async function resync(current, room, welcome) {
     const inWelcome = room.name === welcome.room;
     const answer = inWelcome ? welcome : await current.request("join", { room: room.name });
     room.onlineCount = answer.online_count ?? 0;
+    if (inWelcome) moderation.learnTopic(room.name).catch(() => {});
+    else moderation.setTopic(room.name, answer.topic ?? "");
     await catchUp(current, room, answer.history, answer.online);
   } catch (error) {
     if (error.code === "invalid_room" || error.code === "too_many_rooms") dropRoom(room.name); // e.g. a stale saved room
@@ -226,6 +243,7 @@ function showCurrent(render = true) {
   const changed = ready && markRead(connection, rooms.get(rooms.current), true);
   if (render || changed) view.renderRooms(rooms, selectRoom);
   if (render) view.renderRoom(rooms.get(rooms.current), me);
+  if (render) moderation.renderTopic();
   typing.show(rooms.current);
 }
 
@@ -341,6 +359,7 @@ async function enterRoom(current, name) {
     const answer = await current.request("join", { room: name });
     const room = rooms.add(answer.room);
     room.onlineCount = answer.online_count ?? 0;
+    moderation.setTopic(answer.room, answer.topic ?? "");
     await catchUp(current, room, answer.history, answer.online);
     addMessages(room, joining.get(name), 0);
     applyState(room, answer);
@@ -353,15 +372,20 @@ async function enterRoom(current, name) {
 el.message.addEventListener("input", () => typing.typed(connection, rooms.current));
 document.addEventListener("visibilitychange", () => showCurrent(false));
 
+/** Join a room (if need be) and show it. */
+async function openRoom(name) {
+  await enterRoom(connection, name);
+  if (rooms.has(name)) selectRoom(name);
+  el.message.focus();
+}
+
 el.joinForm.addEventListener("submit", async (event) => {
   event.preventDefault();
   const name = el.joinRoom.value.trim().replace(/^#/, "").toLowerCase();
   if (!name) return;
   try {
-    await enterRoom(connection, name);
+    await openRoom(name);
     el.joinRoom.value = "";
-    if (rooms.has(name)) selectRoom(name);
-    el.message.focus();
   } catch (error) {
     showError(error);
   }

@@ -63,7 +63,7 @@ def pytest_itemcollected(item):
 # it from marks, but it renames node ids, which pytest 9 no longer lets it do.)
 ONE_WORKER_MODULES = {
     "test_attacks.py", "test_cluster.py", "test_cluster_changes.py", "test_cluster_order.py",
-    "test_cluster_presence.py", "test_dist.py", "test_slow_readers.py",
+    "test_cluster_moderation.py", "test_cluster_presence.py", "test_dist.py", "test_slow_readers.py",
 }  # fmt: skip
 
 

@@ -369,6 +369,10 @@ async def test_dump_load_count_and_clear(place, open_at):
         "room_owners": [("a:amy",), ("s:m1",)],
         "memberships": [("a:amy", "a", 2), ("a:amy", "general", 0), ("s:m1", "a", 1)],
         "mentions": [("zed", "a", 2)],
+        "room_info": [("a", "amy", "about a"), ("b", None, "")],
+        "moderators": [("a", "zed")],
+        "sanctions": [("a", "s:m1", 12.5, 1)],
+        "audit": [(1, 3.5, "amy", "ban", "guest m1", "a", None, None), (2, 4.5, "amy", "delete", None, "a", 1, None)],
     }
     for table in TABLES:
         await storage.load(table, rows[table])
@@ -390,6 +394,8 @@ async def test_dump_load_count_and_clear(place, open_at):
     ]
     repeat = await storage.add_message("b", "m", None, "x", 1.0, author="s:1", client_id="c-1")
     assert repeat == {"room": "b", "id": 7, "rev": 9, "duplicate": True}
+    await storage.record("amy", "kick", "zed", "a")  # the audit log goes on after the copied lines
+    assert [e["action"] for e in await storage.audit()] == ["kick", "delete", "ban"]
     await storage.clear()
     assert [await storage.count(table) for table in TABLES] == [0] * len(TABLES)
     assert await storage.is_revoked("s1") is False

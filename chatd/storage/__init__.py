@@ -133,6 +133,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     "room_owners": ("owner",),
     "memberships": ("owner", "room", "read_id"),
     "mentions": ("account", "room", "id"),
+    "room_info": ("room", "owner", "topic"),
+    "moderators": ("room", "account"),
+    "sanctions": ("room", "target", "muted_until", "banned"),
+    "audit": ("seq", "ts", "actor", "action", "target", "room", "message_id", "detail"),
 }
 PRIMARY_KEYS: dict[str, str] = {
     "accounts": "username_key",
@@ -143,6 +147,10 @@ PRIMARY_KEYS: dict[str, str] = {
     "room_owners": "owner",
     "memberships": "owner, room",
     "mentions": "account, room, id",
+    "room_info": "room",
+    "moderators": "room, account",
+    "sanctions": "room, target",
+    "audit": "seq",
 }
 
 
@@ -154,6 +162,44 @@ def room_state(row) -> dict:
 def mention_rows(room: str, id_: int, author: str | None, mentions) -> list[tuple[str, str, int]]:
     """(account key, room, id) for each account a stored message mentions, its author excepted."""
     return [(name.lower(), room, id_) for name in mentions or () if "a:" + name.lower() != author]
+
+
+def is_direct(room: str) -> bool:
+    """A direct room `@alice+bob` (validation.py checks the rest of the name)."""
+    return room.startswith("@")
+
+
+def direct_pair(room: str) -> tuple[str, str]:
+    """The two (lower-case) usernames of a direct room."""
+    first, second = room[1:].split("+")
+    return first, second
+
+
+# The moderation log, newest first (`python -m chatd audit`); `{}` marks as in history_query.
+AUDIT_COLUMNS = "ts, actor, action, target, room, message_id, detail"
+
+
+def audit_query(room: str | None, limit: int) -> tuple[str, tuple]:
+    if room is None:
+        return f"SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT {{}}", (limit,)
+    return f"SELECT {AUDIT_COLUMNS} FROM audit WHERE room = {{}} ORDER BY seq DESC LIMIT {{}}", (room, limit)
+
+
+def audit_entry(row) -> dict:
+    return dict(zip(("ts", "actor", "action", "target", "room", "message_id", "detail"), row))
+
+
+# The directory: public rooms in somebody's rooms, from memberships (indexed by room)
+# grouped by room; the newest message's ts by the (room, id) index. `{}` marks: the
+# caller's owner key (its bans hide rooms), then the name pattern if any, then the limit.
+DIRECTORY = """
+SELECT m.room, count(*) AS members, max(i.topic),
+    (SELECT x.ts FROM messages x WHERE x.room = m.room AND NOT x.deleted ORDER BY x.id DESC LIMIT 1)
+FROM memberships m LEFT JOIN room_info i ON i.room = m.room
+WHERE m.room NOT LIKE '@%' AND m.room NOT IN (SELECT s.room FROM sanctions s WHERE s.target = {} AND s.banned = 1)
+    NAME_FILTER
+GROUP BY m.room ORDER BY members DESC, m.room LIMIT {}
+"""
 
 
 class StorageError(Exception):
@@ -305,6 +351,91 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def is_revoked(self, sid: str) -> bool: ...
+
+    # -- moderation: owners, moderators, topics, mutes and bans, the audit log ----------
+    #
+    # Portable SQL, run by each backend's `_rows`. Accounts are lower-cased usernames;
+    # a sanction's target is an owner key (`owner_key`): an account, or a guest session.
+
+    @abc.abstractmethod
+    async def _rows(self, sql: str, args: tuple) -> list[tuple]:
+        """One statement (parameters marked `{}`), committed on its own; the rows it returns."""
+
+    async def claim_room(self, room: str, account: str) -> None:
+        """The first account that joins a public room owns it (a topic set earlier keeps no owner)."""
+        await self._rows(
+            "INSERT INTO room_info (room, owner, topic) VALUES ({}, {}, '') "
+            "ON CONFLICT (room) DO UPDATE SET owner = excluded.owner WHERE room_info.owner IS NULL",
+            (room, account),
+        )
+
+    async def room_info(self, room: str) -> tuple[str | None, str, set[str]]:
+        """A room's owner (or None), its topic ('' if none) and its named moderators."""
+        found = await self._rows("SELECT owner, topic FROM room_info WHERE room = {}", (room,))
+        named = await self._rows("SELECT account FROM moderators WHERE room = {}", (room,))
+        owner, topic = found[0] if found else (None, "")
+        return owner, topic, {account for (account,) in named}
+
+    async def set_moderator(self, room: str, account: str, on: bool) -> None:
+        if on:
+            sql = "INSERT INTO moderators (room, account) VALUES ({}, {}) ON CONFLICT DO NOTHING"
+        else:
+            sql = "DELETE FROM moderators WHERE room = {} AND account = {}"
+        await self._rows(sql, (room, account))
+
+    async def set_topic(self, room: str, topic: str) -> None:
+        await self._rows(
+            "INSERT INTO room_info (room, owner, topic) VALUES ({}, NULL, {}) "
+            "ON CONFLICT (room) DO UPDATE SET topic = excluded.topic",
+            (room, topic),
+        )
+
+    async def sanction(self, room: str, target: str) -> tuple[float, bool]:
+        """Until when the target is muted in the room (0: never), and whether it is banned."""
+        found = await self._rows("SELECT muted_until, banned FROM sanctions WHERE room = {} AND target = {}", (room, target))
+        return (float(found[0][0]), bool(found[0][1])) if found else (0.0, False)
+
+    async def set_mute(self, room: str, target: str, until: float) -> None:
+        await self._rows(
+            "INSERT INTO sanctions (room, target, muted_until, banned) VALUES ({}, {}, {}, 0) "
+            "ON CONFLICT (room, target) DO UPDATE SET muted_until = excluded.muted_until",
+            (room, target, float(until)),
+        )
+
+    async def set_ban(self, room: str, target: str, on: bool) -> None:
+        await self._rows(
+            "INSERT INTO sanctions (room, target, muted_until, banned) VALUES ({}, {}, 0, {}) "
+            "ON CONFLICT (room, target) DO UPDATE SET banned = excluded.banned",
+            (room, target, int(on)),
+        )
+
+    async def owner_known(self, owner: str) -> bool:
+        """Whether this owner key was ever seen (a guest session's member id that exists)."""
+        return bool(await self._rows("SELECT 1 FROM room_owners WHERE owner = {}", (owner,)))
+
+    async def record(
+        self, actor: str, action: str, target: str | None, room: str, *, message_id: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """One line of the audit log (never a message's text)."""
+        await self._rows(
+            "INSERT INTO audit (ts, actor, action, target, room, message_id, detail) VALUES ({}, {}, {}, {}, {}, {}, {})",
+            (time.time(), actor, action, target, room, message_id, detail),
+        )  # fmt: skip
+
+    async def audit(self, room: str | None = None, limit: int = 50) -> list[dict]:
+        sql, args = audit_query(room, limit)
+        return [audit_entry(row) for row in await self._rows(sql, args)]
+
+    async def directory(self, caller: str, query: str, limit: int) -> list[dict]:
+        """Public rooms by members, then name (`query`: a part of the name, of [a-z0-9-] only)."""
+        args: tuple = (caller, f"%{query}%", limit) if query else (caller, limit)
+        sql = DIRECTORY.replace("NAME_FILTER", "AND m.room LIKE {}" if query else "")
+        rows = await self._rows(sql, args)
+        return [
+            {"room": room, "topic": topic or "", "members": members, "last_ts": last_ts}
+            for room, members, topic, last_ts in rows
+        ]
 
     # -- bulk access, for copy-data and tests --------------------------------
 

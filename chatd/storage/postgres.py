@@ -91,6 +91,32 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (account, room, id)
         )""",
     ],
+    # 4: moderation (issue 22): owners and topics, moderators, mutes and bans, the audit
+    # log; memberships by room for the directory.
+    [
+        "CREATE TABLE room_info (room text PRIMARY KEY, owner text, topic text NOT NULL)",
+        "CREATE TABLE moderators (room text NOT NULL, account text NOT NULL, PRIMARY KEY (room, account))",
+        """CREATE TABLE sanctions (
+            room        text NOT NULL,
+            target      text NOT NULL,
+            muted_until double precision NOT NULL,
+            banned      integer NOT NULL,
+            PRIMARY KEY (room, target)
+        )""",
+        "CREATE INDEX sanctions_target ON sanctions (target, room)",
+        """CREATE TABLE audit (
+            seq        bigserial PRIMARY KEY,
+            ts         double precision NOT NULL,
+            actor      text NOT NULL,
+            action     text NOT NULL,
+            target     text,
+            room       text NOT NULL,
+            message_id bigint,
+            detail     text
+        )""",
+        "CREATE INDEX audit_room ON audit (room, seq)",
+        "CREATE INDEX memberships_room ON memberships (room)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -481,6 +507,11 @@ class PostgresStorage(Storage):
             rows = await conn.fetch("SELECT username_key, username FROM accounts WHERE username_key = ANY($1)", keys)
         return {row["username_key"]: row["username"] for row in rows}
 
+    async def _rows(self, sql: str, args: tuple) -> list[tuple]:
+        marks = (f"${i}" for i in range(1, len(args) + 1))
+        async with self._connection() as conn:
+            return [tuple(row) for row in await conn.fetch(sql.format(*marks), *args)]
+
     # -- accounts and sessions ----------------------------------------------------
 
     async def create_account(self, username: str, password_hash: str) -> bool:
@@ -536,6 +567,8 @@ class PostgresStorage(Storage):
             rows = [(*r[:4], r[4].encode("utf-8"), *r[5:9], bool(r[9]), *r[10:]) for r in rows]
         async with self._connection() as conn:
             await conn.copy_records_to_table(table, records=rows, columns=list(TABLES[table]))
+            if table == "audit":  # copied with their numbers: the sequence continues after them
+                await conn.execute("SELECT setval('audit_seq_seq', (SELECT max(seq) FROM audit))")
 
     async def clear(self) -> None:
         async with self._connection() as conn:

@@ -124,6 +124,32 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (account, room, id)
         ) WITHOUT ROWID""",
     ],
+    # 5: moderation (issue 22): owners and topics, moderators, mutes and bans, the audit
+    # log; memberships by room for the directory.
+    [
+        "CREATE TABLE room_info (room TEXT PRIMARY KEY, owner TEXT, topic TEXT NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE moderators (room TEXT NOT NULL, account TEXT NOT NULL, PRIMARY KEY (room, account)) WITHOUT ROWID",
+        """CREATE TABLE sanctions (
+            room        TEXT NOT NULL,
+            target      TEXT NOT NULL,
+            muted_until REAL NOT NULL,
+            banned      INTEGER NOT NULL,
+            PRIMARY KEY (room, target)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX sanctions_target ON sanctions (target, room)",
+        """CREATE TABLE audit (
+            seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts         REAL NOT NULL,
+            actor      TEXT NOT NULL,
+            action     TEXT NOT NULL,
+            target     TEXT,
+            room       TEXT NOT NULL,
+            message_id INTEGER,
+            detail     TEXT
+        )""",
+        "CREATE INDEX audit_room ON audit (room, seq)",
+        "CREATE INDEX memberships_room ON memberships (room)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -623,6 +649,10 @@ class SqliteStorage(Storage):
             f"SELECT username_key, username FROM accounts WHERE username_key IN ({marks})", keys
         ) as cur:
             return dict(await cur.fetchall())
+
+    async def _rows(self, sql: str, args: tuple) -> list[tuple]:
+        async with self._turn, self.db.execute(sql.format(*("?" * len(args))), args) as cur:
+            return [tuple(row) for row in await cur.fetchall()]
 
     # -- accounts and sessions ----------------------------------------------------
 

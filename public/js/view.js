@@ -156,16 +156,21 @@ function messageNode(message, me) {
   }
   item.dataset.id = message.id;
   item.append(meta, make("p", "text", message.msg));
-  if (isMine(message, me)) item.append(messageActions());
+  if (isMine(message, me)) item.append(messageActions(["edit", "delete"]));
+  // Moderators delete anyone's message in a public room; the page cannot tell who moderates,
+  // so an account sees Delete and the server answers `forbidden` to the others (js/moderation.js).
+  else if (me?.account && !message.room.startsWith("@")) item.append(messageActions(["delete"]));
   nodes.set(message, item);
   return item;
 }
 
-/** Edit and Delete for one's own messages (public/js/messages.js handles the clicks). */
-function messageActions() {
+const ACTION_LABELS = { edit: "Edit", delete: "Delete" };
+
+/** Edit and Delete for one's own messages, Delete for a moderator (public/js/messages.js handles the clicks). */
+function messageActions(which) {
   const actions = make("span", "actions");
-  for (const [action, label] of [["edit", "Edit"], ["delete", "Delete"]]) {
-    const button = make("button", "quiet", label);
+  for (const action of which) {
+    const button = make("button", "quiet", ACTION_LABELS[action]);
     button.type = "button";
     button.dataset.action = action;
     actions.append(button);
@@ -208,9 +213,11 @@ export function forgetMessageNodes() {
 
 /** Show a room: its title, all its messages (scrolled to the newest), its online list. */
 export function renderRoom(room, me) {
-  el.roomTitle.textContent = room ? `#${room.name}` : "No room";
+  // A direct room (`@alice+bob`) is shown by its name; a public one as #name.
+  const shown = room && (room.name.startsWith("@") ? room.name : `#${room.name}`);
+  el.roomTitle.textContent = room ? shown : "No room";
   el.leave.hidden = !room;
-  el.message.placeholder = room ? `Message #${room.name}` : "Join a room to chat";
+  el.message.placeholder = room ? `Message ${shown}` : "Join a room to chat";
   el.messages.classList.toggle("no-room", !room);
   el.messages.replaceChildren(
     ...(room
