@@ -18,7 +18,7 @@ from .moderation import Moderation
 from .rooms import Rooms, SocketState
 from .sio.jsonhook import JsonText
 from .sio.server import Handler
-from .storage import MAX_ROOMS, ChangeRefused, Storage, TooManyRooms, direct_pair, is_direct
+from .storage import MAX_ROOMS, ChangeRefused, Storage, TooManyRooms, direct_pair, is_direct, owner_key
 from .validation import ID_MAX, EventError, parse_history, parse_message_ref, parse_read, parse_room, parse_send_chat
 
 TYPING_EVERY = 2.0  # seconds: at most one `typing` per session per room this often
@@ -90,7 +90,7 @@ class ChatEvents:
 
     async def _add_other(self, state: SocketState, room: str) -> None:
         """A direct room is in both accounts' rooms: the other's sockets, everywhere, are told."""
-        other = "a:" + next(name for name in direct_pair(room) if "a:" + name != state.owner)
+        other = owner_key(_other_account(state, room), "")
         try:
             added = await self.storage.join_room(other, room)
         except TooManyRooms:  # it is there for them to join once they have room
@@ -114,17 +114,12 @@ class ChatEvents:
         try:
             deleted = await self._change(self.storage.delete_message, command, state.owner, any_author=False)
         except EventError as refused:  # not its author: a moderator may still delete it
-            if refused.code != "forbidden" or not await self.moderates(state, command.room):
+            if refused.code != "forbidden" or not await self.moderation.moderates(state, command.room):
                 raise
             deleted = await self._change(self.storage.delete_message, command, state.owner, any_author=True)
             await self.moderation.deleted(state, command.room, command.id)
         await self.rooms.publish_change("deleted", deleted)
         return {"ok": True, "rev": deleted["rev"]}
-
-    async def moderates(self, state: SocketState, room: str) -> bool:
-        """Whether the socket's session may delete anyone's message in `room` (SPEC: the room's
-        moderators; direct rooms have none)."""
-        return await self.moderation.moderates(state, room)
 
     @staticmethod
     async def _change(apply, command, *args, **kwargs) -> dict:
@@ -167,7 +162,7 @@ class ChatEvents:
 
     async def _check_other(self, state: SocketState, room: str) -> None:
         """Joining a direct room: the other account exists."""
-        other = next(name for name in direct_pair(room) if "a:" + name != state.owner)
+        other = _other_account(state, room)
         if await self.storage.find_account(other) is None:
             raise EventError("not_found", f"No account '{other}'.")
 
@@ -218,3 +213,8 @@ class ChatEvents:
         self._typed[key] = now
         await self.rooms.typing(room, member)
         return {"ok": True}
+
+
+def _other_account(state: SocketState, room: str) -> str:
+    """The account of a direct room that is not the socket's own."""
+    return next(name for name in direct_pair(room) if owner_key(name, "") != state.owner)
