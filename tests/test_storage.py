@@ -94,6 +94,22 @@ async def test_a_new_owner_is_in_general_read_up_to_now_and_rooms_are_kept_per_o
     assert await storage.room_states("s:guest2") == []
 
 
+async def test_handshakes_that_arrive_together_each_get_their_own_rooms(storage):
+    """Handshakes read their rooms together (SQLite: one trip, one commit for the new owners
+    among them): each gets its owner's rooms, a repeat of a new owner seeds it once."""
+    await add(storage, "general", 2)
+    await storage.join_room("a:old", "zoo")
+    await storage.leave_room("a:old", "general")
+    await storage.leave_room("a:none", "general")
+    owners = ["s:new1", "a:old", "s:new1", "a:none", "s:new2", "a:old"]
+    found = await asyncio.gather(*(storage.room_states(owner) for owner in owners))
+    expected = {"s:new1": [state("general", 2, 2)], "s:new2": [state("general", 2, 2)],
+                "a:old": [state("zoo", 0, 0)], "a:none": []}  # fmt: skip
+    assert found == [expected[owner] for owner in owners]
+    assert await storage.join_room("s:new1", "general") is False  # in general once
+    assert await storage.room_states("a:none") == []  # in no room: not put back in general
+
+
 async def test_at_most_50_rooms_general_included(storage):
     for i in range(MAX_ROOMS - 1):
         assert await storage.join_room("a:bob", f"r{i}") is True

@@ -232,12 +232,21 @@ ORDER BY m.room
 """
 
 
+# Marked read up to the room's last message: joining is not missing anything.
+ADD_MEMBERSHIP = (
+    "INSERT INTO memberships (owner, room, read_id) "
+    "VALUES (?1, ?2, coalesce((SELECT last_id FROM room_counters WHERE room = ?2), 0))"
+)
+
+
 def _mention_key(owner: str) -> str | None:
     return owner[2:] if owner.startswith("a:") else None
 
 
 class _MessageWriter:
-    """Messages are written by one thread of their own, on a connection of their own.
+    """Messages are written by one thread of their own, on a connection of their own;
+    the rooms each handshake reads are read there too (owners seen for the first time
+    are written: put in general).
 
     A batch is one trip to that thread (BEGIN, counters, rows, COMMIT), where
     aiosqlite would take one trip per statement and per fetch; on a busy core
@@ -255,6 +264,9 @@ class _MessageWriter:
 
     async def insert(self, messages: list[dict]) -> list[dict]:
         return await self._run(self._insert, messages)
+
+    async def handshake_states(self, owners: list[str]) -> list[list[dict]]:
+        return await self._run(self._handshake_states, owners)
 
     async def close(self) -> None:
         try:
@@ -281,6 +293,32 @@ class _MessageWriter:
 
     async def change(self, *args) -> dict:
         return await self._run(self._change, *args)
+
+    def _handshake_states(self, owners: list[str]) -> list[list[dict]]:
+        """Each owner's rooms; an owner in none is seeded first (one transaction for all of
+        them), which puts an owner seen for the first time in general."""
+        conn = self._conn
+        if conn is None:
+            raise StorageError("storage is not open")
+
+        def states(owner: str) -> list[dict]:
+            return [room_state(row) for row in conn.execute(ROOM_STATES, (owner, _mention_key(owner), None))]
+
+        found = [states(owner) for owner in owners]
+        unseeded = [owner for owner, rooms in zip(owners, found) if not rooms]
+        if not unseeded:
+            return found
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for owner in unseeded:
+                if conn.execute("INSERT OR IGNORE INTO room_owners (owner) VALUES (?)", (owner,)).rowcount:
+                    conn.execute(ADD_MEMBERSHIP, (owner, DEFAULT_ROOM))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return [rooms or states(owner) for owner, rooms in zip(owners, found)]
 
     def _insert(self, messages: list[dict]) -> list[dict]:
         conn = self._conn
@@ -437,6 +475,8 @@ class SqliteStorage(Storage):
         self._owner: _DataDirOwner | None = None
         self._writer: _MessageWriter | None = None
         self._group_commit = GroupCommit(self._insert_batch)
+        # The handshakes that arrive together read their rooms in one trip (group_commit.py).
+        self._handshakes = GroupCommit(self._handshake_batch)
         # The aiosqlite connection is shared: a statement issued while one of its
         # transactions is open (copy-data's load, clear) would join it. Every use
         # takes turns. Message batches go through the writer's own connection.
@@ -514,6 +554,7 @@ class SqliteStorage(Storage):
 
     async def close(self) -> None:
         await self._group_commit.drain()
+        await self._handshakes.drain()
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await writer.close()
@@ -564,15 +605,20 @@ class SqliteStorage(Storage):
     # -- rooms of a person, read markers -------------------------------------------
 
     async def room_states(self, owner: str, room: str | None = None) -> list[dict]:
+        if room is None:  # a handshake's: one trip to the writer thread with the others of its burst
+            return await self._handshakes.submit(owner)
         async with self._turn:
-            states = await self._room_states(owner, room)
-            if not states and room is None and await self._write(self._seed, owner):
-                states = await self._room_states(owner, None)
-        return states
+            return await self._room_states(owner, room)
 
     async def _room_states(self, owner: str, room: str | None) -> list[dict]:
-        async with self.db.execute(ROOM_STATES, (owner, _mention_key(owner), room)) as cur:
-            return [room_state(row) for row in await cur.fetchall()]
+        """(The caller has the turn.) One trip to aiosqlite's thread, not one per statement and fetch."""
+        rows = await self.db.execute_fetchall(ROOM_STATES, (owner, _mention_key(owner), room))
+        return [room_state(row) for row in rows]
+
+    async def _handshake_batch(self, owners: list[str]) -> list[list[dict]]:
+        if self._writer is None:
+            raise StorageError("storage is not open")
+        return await self._writer.handshake_states(owners)
 
     async def _seed(self, owner: str) -> bool:
         """An owner seen for the first time is in general; True if it was new."""
@@ -583,12 +629,7 @@ class SqliteStorage(Storage):
         return True
 
     async def _add_membership(self, owner: str, room: str) -> None:
-        # Marked read up to the room's last message: joining is not missing anything.
-        await self.db.execute(
-            "INSERT INTO memberships (owner, room, read_id) "
-            "VALUES (?1, ?2, coalesce((SELECT last_id FROM room_counters WHERE room = ?2), 0))",
-            (owner, room),
-        )
+        await self.db.execute(ADD_MEMBERSHIP, (owner, room))
 
     async def _write(self, fn, *args):
         """`fn` in one write transaction of the shared connection (the caller has the turn)."""
