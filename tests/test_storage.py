@@ -335,6 +335,23 @@ async def test_revocations_survive_a_reopen(place, open_at):
     assert await (await open_at(place)).is_revoked("kept") is True
 
 
+async def test_mutes_and_bans_are_kept_and_survive_a_reopen(place, open_at):
+    """SQLite answers `sanction` from memory (every send asks): what it says must be what is stored."""
+    first = await open_at(place)
+    assert await first.sanction("r", "s:m1") == (0.0, False)
+    await first.set_mute("r", "s:m1", 99.5)
+    await first.set_ban("r", "s:m1", True)
+    await first.set_ban("r", "a:zed", True)
+    await first.set_ban("r", "a:zed", False)
+    await first.set_mute("other", "s:m1", 5.0)
+    expected = {("r", "s:m1"): (99.5, True), ("r", "a:zed"): (0.0, False), ("other", "s:m1"): (5.0, False),
+                ("r", "s:nobody"): (0.0, False)}  # fmt: skip
+    assert {key: await first.sanction(*key) for key in expected} == expected
+    await first.close()
+    again = await open_at(place)
+    assert {key: await again.sanction(*key) for key in expected} == expected
+
+
 async def test_a_revocation_is_seen_at_once_by_another_postgresql_connection(pg_database_url, open_at):
     one, two = await open_at(pg_database_url), await open_at(pg_database_url)
     assert await two.is_revoked("s") is False
@@ -400,6 +417,7 @@ async def test_dump_load_count_and_clear(place, open_at):
             dumped = [(*r[:9], int(r[9]), *r[10:]) for r in dumped]
         assert dumped == sorted(rows[table], key=key)
     assert await storage.is_revoked("s1") is True
+    assert await storage.sanction("a", "s:m1") == (12.5, True)  # loaded sanctions hold at once
     next_ = await storage.add_message("b", "n", None, "next", 0.0)
     assert (next_["id"], next_["rev"]) == (8, 10)  # counters are loaded too
     assert (await storage.history("a", since=0)) == [
@@ -415,6 +433,7 @@ async def test_dump_load_count_and_clear(place, open_at):
     await storage.clear()
     assert [await storage.count(table) for table in TABLES] == [0] * len(TABLES)
     assert await storage.is_revoked("s1") is False
+    assert await storage.sanction("a", "s:m1") == (0.0, False)
     assert (await storage.add_message("b", "n", None, "again", 0.0))["id"] == 1
 
 

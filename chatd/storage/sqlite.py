@@ -1,7 +1,8 @@
 """`Storage` on SQLite: an aiosqlite connection, and a writer thread for messages (disk work never runs on the event loop).
 
 One process owns a data dir (a lock file held while the storage is open), so
-the revoked-session set can live in memory too: `is_revoked` never leaves the loop.
+the revoked-session set and the rooms' mutes and bans can live in memory too:
+`is_revoked` (every handshake) and `sanction` (every message sent) never leave the loop.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class _DataDirOwner:
     fd: int
     users: int = 0
     revoked: dict[str, int] | None = None  # sid -> until
+    sanctions: dict[tuple[str, str], tuple[float, bool]] | None = None  # (room, target) -> (muted until, banned)
     opening: asyncio.Lock = field(default_factory=asyncio.Lock)  # one opener at a time
 
 
@@ -500,7 +502,7 @@ class SqliteStorage(Storage):
                 for pragma in CONNECTION_PRAGMAS:
                     await self.db.execute(pragma)
                 await self._migrate()
-                await self._load_revoked()
+                await self._load_in_memory()
                 self._writer = _MessageWriter(self.path)
                 await self._writer.open()
         except (OSError, sqlite3.Error) as exc:
@@ -540,17 +542,43 @@ class SqliteStorage(Storage):
             await self.db.execute("ROLLBACK")
             raise
 
-    async def _load_revoked(self) -> None:
+    async def _load_in_memory(self) -> None:
         assert self._owner is not None
         if self._owner.revoked is None:
-            async with self.db.execute("SELECT sid, until FROM revoked_sessions") as cur:
-                self._owner.revoked = dict(await cur.fetchall())
+            self._owner.revoked = dict(await self.db.execute_fetchall("SELECT sid, until FROM revoked_sessions"))
+        if self._owner.sanctions is None:
+            self._owner.sanctions = {}
+            self._keep_sanctions(await self.db.execute_fetchall(f"SELECT {', '.join(TABLES['sanctions'])} FROM sanctions"))
 
     @property
     def _revoked(self) -> dict[str, int]:
         if self._owner is None or self._owner.revoked is None:
             raise StorageError("storage is not open")
         return self._owner.revoked
+
+    @property
+    def _sanctions(self) -> dict[tuple[str, str], tuple[float, bool]]:
+        if self._owner is None or self._owner.sanctions is None:
+            raise StorageError("storage is not open")
+        return self._owner.sanctions
+
+    def _keep_sanctions(self, rows) -> None:
+        """Rows of `sanctions` (TABLES' column order), as stored, into memory."""
+        for room, target, muted_until, banned in rows:
+            self._sanctions[room, target] = (float(muted_until), bool(banned))
+
+    # -- mutes and bans: written through, read from memory ----------------------------
+
+    async def sanction(self, room: str, target: str) -> tuple[float, bool]:
+        return self._sanctions.get((room, target), (0.0, False))
+
+    async def set_mute(self, room: str, target: str, until: float) -> None:
+        await super().set_mute(room, target, until)
+        self._sanctions[room, target] = (float(until), self._sanctions.get((room, target), (0.0, False))[1])
+
+    async def set_ban(self, room: str, target: str, on: bool) -> None:
+        await super().set_ban(room, target, on)
+        self._sanctions[room, target] = (self._sanctions.get((room, target), (0.0, False))[0], bool(on))
 
     async def close(self) -> None:
         await self._group_commit.drain()
@@ -757,6 +785,8 @@ class SqliteStorage(Storage):
                 raise
         if table == "revoked_sessions":
             self._revoked.update(rows)
+        elif table == "sanctions":
+            self._keep_sanctions(rows)
 
     async def clear(self) -> None:
         async with self._turn:
@@ -765,3 +795,4 @@ class SqliteStorage(Storage):
                 await self.db.execute(f"DELETE FROM {table}")
             await self.db.execute("COMMIT")
         self._revoked.clear()
+        self._sanctions.clear()
