@@ -135,7 +135,7 @@ class Rooms:
         """One `presence` event to this process's sockets of a room: with several processes, each
         computes its own sockets' events from Redis's stream of changes (presence/redis.py)."""
         event = {"room": room, "joins": joins, "leaves": leaves, "count": count}
-        await self.sio.emit("presence", event, room=chat_room(room), ignore_queue=True)
+        await self.sio.manager.emit_in_slices("presence", event, "/", chat_room(room))
 
     # -- the person's rooms, on every process ----------------------------------------------
 

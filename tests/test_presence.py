@@ -308,6 +308,54 @@ async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(a
             await visitor.close()
 
 
+async def test_a_large_presence_batch_is_written_in_slices_with_the_loop_running_between(aiohttp_server, make_config):
+    """Presence events go out `size` sockets per event-loop turn (chatd/sio/managers.py,
+    `emit_in_slices`): other work runs between the slices, every socket of the room gets
+    the event once, and a socket that has left the room by its slice does not."""
+    from chatd.rooms import chat_room
+    from chatd.web import REALTIME, create_app
+
+    app = create_app(make_config())
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/")).rstrip("/")
+    manager = app[REALTIME].sio.manager
+    visitors_, sockets = [], []
+    try:
+        for _ in range(7):
+            visitor = Visitor(url)
+            visitors_.append(visitor)
+            socket = await visitor.socket()
+            await socket.next("welcome")
+            sockets.append(socket)
+        await asyncio.sleep(0.3)  # their own presence batches are out
+        room = chat_room("general")
+        in_room = list(manager.get_participants("/", room))
+        assert len(in_room) == 7
+        leaver = in_room[-1][0]  # in the last slice
+        turns = []
+
+        def other_work(n: int = 0) -> None:  # a callback per turn, as the loop's other work
+            turns.append(n)
+            if n == 1:  # after the first slice went out: the last socket leaves the room
+                manager.basic_leave_room(leaver, "/", room)
+            if n < 10:
+                asyncio.get_running_loop().call_soon(other_work, n + 1)
+
+        asyncio.get_running_loop().call_soon(other_work)
+        await manager.emit_in_slices("probe", {"n": 1}, "/", room, size=3)
+        assert len(turns) >= 2, "the slices went out in one turn"
+        left_socket = next(s for s in sockets if s.sio.get_sid("/") == leaver)
+        for socket in sockets:
+            if socket is left_socket:
+                await socket.nothing("probe", wait=0.3)
+            else:
+                assert await socket.next("probe") == {"n": 1}
+                await socket.nothing("probe", wait=0.05)
+    finally:
+        for visitor in visitors_:
+            await visitor.close()
+
+
 def test_a_snapshot_is_the_cached_list_cut_where_the_caller_goes():
     """The welcome's list is written as slices of presence's cached bytes with the caller's
     entry between them: wherever the caller sorts, the pieces read as the sorted list."""
