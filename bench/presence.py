@@ -25,8 +25,15 @@ burst the handshake pipeline ran dry and the server's core sat idle for up
 to a fifth of the last tenth (busy 81–86 % there, 95–98 % in the first, with
 the same CPU per handshake in both), so the figure measured the client's
 bursts. With 100 the server's core stays busy in the last tenths too (the
-table's "server busy" column shows it). Before the timed fill, `--warmup`
-guests come and go, so the first tenth is timed on a warm server. Each run
+table's "server busy" column shows it). Each tenth is timed with that many in
+flight all along: the clock starts once the first 100 have finished (until
+then the pipeline fills, and a first tenth timed from the first launch carries
+the unfinished work of the 100 in flight at its end, about 10 % more than its
+share), and 100 more guests than the last mark are started (else the last
+tenth ends with the pipeline draining and the server waiting on the last round
+trips: 85-91 % busy in it with 100 in flight, 50-56 % with 200). So the tenths
+are sockets 100-600, ..., 4,600-5,100 of the room. Before the timed fill,
+`--warmup` guests come and go, so the first tenth is timed on a warm server. Each run
 starts a fresh chatd; the figure is the median of the runs' last tenth /
 first tenth, because one tenth lasts about a second on a shared machine.
 Where a tenth is shorter than the presence window (0.9 s at 5,000), one tenth

@@ -335,12 +335,22 @@ const scenarios = {
     return { ...latencySummary(latencies), loss: total * n - delivered, server_cpu_percent: (100 * cpu) / elapsed };
   },
 
-  // One room filling up (bench/presence.py): `sockets` new guests, each GET / + websocket
-  // + CONNECT + welcome, `concurrency` at a time, all staying. Handshakes per second and
-  // the server's CPU per handshake for every tenth of the room; then half the room
-  // dropped at once (no close frame) and the server's CPU for that. First, `prefill`
-  // guests come and go in waves of 200 (the room never holds more than that): the first
-  // tenth is then timed on a warm server and a warm client, as every later one is.
+  // One room filling up (bench/presence.py): new guests, each GET / + websocket + CONNECT
+  // + welcome, `concurrency` at a time, all staying. Handshakes per second and the
+  // server's CPU per handshake for every tenth of `sockets`; then half the room dropped
+  // at once (no close frame) and the server's CPU for that. First, `prefill` guests
+  // come and go in waves of 200 (the room never holds more than that): the first tenth
+  // is then timed on a warm server and a warm client, as every later one is.
+  //
+  // Every tenth is timed with `concurrency` handshakes in flight all along. The clock
+  // starts once the first `concurrency` have finished (before that the pipeline is
+  // filling: the server has begun every handshake in flight and finished none, so a
+  // tenth timed from the first launch carries about half of `concurrency` handshakes
+  // of extra work), and `concurrency` more guests than the last mark are started (else
+  // the last tenth ends with the pipeline draining, the server waiting on the last
+  // round trips: 50-56 % busy in it with 200 in flight). So each tenth is `sockets` / 10
+  // handshakes, start to finish, in a steady state, and the room holds `concurrency`
+  // more sockets than its label at each mark (`from` and `to` say how many).
   async fill() {
     for (let done = 0; done < opts.prefill; done += 200) {
       const wave = await withDeadline(connectMany(Math.min(200, opts.prefill - done), opts.concurrency, "fresh"),
@@ -350,23 +360,25 @@ const scenarios = {
     }
     if (opts.prefill) await sleep(3000); // the leaves go out; the room is empty again
     const tenth = Math.floor(opts.sockets / 10);
-    const marks = [[now(), serverCpuSeconds(), clientCpuSeconds()]];
+    const offset = opts.concurrency, launches = opts.sockets + 2 * opts.concurrency;
+    const marks = [];
     const clients = [];
     let next = 0;
     async function worker() {
-      while (next < opts.sockets) {
+      while (next < launches) {
         next++;
         const c = new Client(await getCookie());
         if ((await c.open()) !== "connected") throw new Error("refused");
         clients.push(c);
-        if (clients.length % tenth === 0) marks.push([now(), serverCpuSeconds(), clientCpuSeconds()]);
+        const n = clients.length - offset;
+        if (n >= 0 && n % tenth === 0 && n <= opts.sockets) marks.push([now(), serverCpuSeconds(), clientCpuSeconds()]);
       }
     }
     await withDeadline(Promise.all(Array.from({ length: opts.concurrency }, worker)), opts.timeout, "fill");
     const tenths = [];
     for (let i = 1; i < marks.length; i++) {
       const [t0, c0, k0] = marks[i - 1], [t1, c1, k1] = marks[i];
-      tenths.push({ from: (i - 1) * tenth, to: i * tenth, handshakes_per_s: tenth / ((t1 - t0) / 1000),
+      tenths.push({ from: offset + (i - 1) * tenth, to: offset + i * tenth, handshakes_per_s: tenth / ((t1 - t0) / 1000),
                     server_cpu_ms_each: (1000 * (c1 - c0)) / tenth,
                     server_busy: (c1 - c0) / ((t1 - t0) / 1000), client_busy: (k1 - k0) / ((t1 - t0) / 1000) });
     }
