@@ -7,6 +7,7 @@ each, no Socket.IO client), so that a thousand of them fit in one test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -272,22 +273,32 @@ def test_the_copied_manager_internals_have_not_moved():
     assert hashlib.sha256(source.encode()).hexdigest() == BASIC_DISCONNECT_SHA256, source
 
 
-async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(aiohttp_server, make_config):
+@contextlib.asynccontextmanager
+async def guests_in_process(aiohttp_server, make_config, count: int):
+    """An in-process chatd (its client manager at hand) and `count` guests, each welcomed."""
     from chatd.web import REALTIME, create_app
 
     app = create_app(make_config())
     server = await aiohttp_server(app)
     url = str(server.make_url("/")).rstrip("/")
-    manager = app[REALTIME].sio.manager
     visitors_, sockets = [], []
     try:
-        for _ in range(6):
+        for _ in range(count):
             visitor = Visitor(url)
             visitors_.append(visitor)
             socket = await visitor.socket()
             await socket.next("welcome")
-            assert (await socket.call("join", {"room": "side"}))["ok"] is True
             sockets.append(socket)
+        yield app[REALTIME].sio.manager, sockets
+    finally:
+        for visitor in visitors_:
+            await visitor.close()
+
+
+async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(aiohttp_server, make_config):
+    async with guests_in_process(aiohttp_server, make_config, 6) as (manager, sockets):
+        for socket in sockets:
+            assert (await socket.call("join", {"room": "side"}))["ok"] is True
         full_scan = {
             sid: sorted(r for r, members in manager.rooms["/"].items() if r is not None and sid in members)
             for sid in manager.rooms["/"][None]
@@ -303,9 +314,6 @@ async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(a
         for room, members in manager.rooms["/"].items():
             assert set(members) <= left, room
         assert {sid for _, sid in manager._rooms_of} == left
-    finally:
-        for visitor in visitors_:
-            await visitor.close()
 
 
 async def test_a_large_presence_batch_is_written_in_slices_with_the_loop_running_between(aiohttp_server, make_config):
@@ -313,20 +321,8 @@ async def test_a_large_presence_batch_is_written_in_slices_with_the_loop_running
     `emit_in_slices`): other work runs between the slices, every socket of the room gets
     the event once, and a socket that has left the room by its slice does not."""
     from chatd.rooms import chat_room
-    from chatd.web import REALTIME, create_app
 
-    app = create_app(make_config())
-    server = await aiohttp_server(app)
-    url = str(server.make_url("/")).rstrip("/")
-    manager = app[REALTIME].sio.manager
-    visitors_, sockets = [], []
-    try:
-        for _ in range(7):
-            visitor = Visitor(url)
-            visitors_.append(visitor)
-            socket = await visitor.socket()
-            await socket.next("welcome")
-            sockets.append(socket)
+    async with guests_in_process(aiohttp_server, make_config, 7) as (manager, sockets):
         await asyncio.sleep(0.3)  # their own presence batches are out
         room = chat_room("general")
         in_room = list(manager.get_participants("/", room))
@@ -351,9 +347,6 @@ async def test_a_large_presence_batch_is_written_in_slices_with_the_loop_running
             else:
                 assert await socket.next("probe") == {"n": 1}
                 await socket.nothing("probe", wait=0.05)
-    finally:
-        for visitor in visitors_:
-            await visitor.close()
 
 
 def test_a_snapshot_is_the_cached_list_cut_where_the_caller_goes():

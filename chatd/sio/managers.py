@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 import socketio
@@ -122,8 +122,9 @@ class FastBroadcastMixin(socketio.AsyncManager):
                 event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs
             )
         skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
-        recipients = [eio_sid for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip]
-        await self._deliver(pkt, recipients)
+        # A generator, not a list: this is `new chat`'s path, to every socket of a room.
+        participants = self.get_participants(namespace, room)
+        await self._deliver(pkt, (eio_sid for sid, eio_sid in participants if sid not in skip))
 
     async def emit_in_slices(self, event: str, data, namespace: str, room: str, *, size: int = SLICE) -> None:
         """An event to every socket of a room, written `size` sockets per event-loop turn.
@@ -165,7 +166,7 @@ class FastBroadcastMixin(socketio.AsyncManager):
             return None
         return eio_packet.Packet(eio_packet.MESSAGE, encoded)
 
-    async def _deliver(self, pkt: eio_packet.Packet, recipients: list[str]) -> None:
+    async def _deliver(self, pkt: eio_packet.Packet, recipients: Iterable[str]) -> None:
         """One frame, built once, to each direct websocket; the rest through their queues."""
         eio = self.server.eio
         frame = None
