@@ -10,12 +10,12 @@ Python client on CPU 1 was: reading every socket's presence frames, it
 saturated its core while chatd's was not). Every socket is a new guest, as
 in a crowd arriving: GET / (the page, which issues the session cookie), then
 a websocket to /socket.io/, the namespace CONNECT, the `welcome`; the socket
-then stays in `general`, answering pings. Prints,
-for each successive tenth of the room, handshakes per second, the server's
-CPU time per handshake (from /proc, so it does not depend on the client) and
-how busy each core was, then the server's CPU for half of the room
-disconnecting at once. With `--redis`, chatd runs with a throwaway
-redis-server (`--redis-url`, so presence is the Redis store of
+then stays in `general`, answering pings. Prints, for each successive tenth
+of the room, handshakes per second, the server's CPU time per handshake (from
+/proc, so it does not depend on the client; with the kernel's part of it,
+system time, beside it) and how busy each core was, then the server's CPU for
+half of the room disconnecting at once. With `--redis`, chatd runs with a
+throwaway redis-server (`--redis-url`, so presence is the Redis store of
 chatd/presence/redis.py; Redis's own CPU is not counted).
 
 Why 100 handshakes in flight: the one client core also reads what 5,000
@@ -98,11 +98,11 @@ def print_run(number: int, result: dict) -> tuple[float, float]:
     """One run's table; returns its last tenth / first tenth, and the same over fifths."""
     print(f"run {number}:")
     print(f"{'sockets in the room':>22} {'handshakes/s':>13} {'server CPU/handshake':>21}"
-          f" {'server busy':>12} {'client busy':>12}")
+          f" {'of it system':>13} {'server busy':>12} {'client busy':>12}")
     for tenth in result["tenths"]:
         label = f"{tenth['from']}–{tenth['to']}"
         print(f"{label:>22} {tenth['handshakes_per_s']:13.0f} {tenth['server_cpu_ms_each']:18.2f} ms"
-              f" {tenth['server_busy']:12.0%} {tenth['client_busy']:12.0%}")
+              f" {tenth['server_system_ms_each']:10.2f} ms {tenth['server_busy']:12.0%} {tenth['client_busy']:12.0%}")
     first, last = result["tenths"][0]["handshakes_per_s"], result["tenths"][-1]["handshakes_per_s"]
     by_fifths = fifths(result["tenths"])
     print(f"last tenth / first tenth: {last / first:.2f} (over fifths: {by_fifths:.2f})")

@@ -46,10 +46,15 @@ function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
 
 const TICKS = 100; // USER_HZ on Linux
 function serverCpuSeconds() {
-  if (!opts.pid) return 0;
+  const [user, system] = serverCpuSplit();
+  return user + system;
+}
+// The server's user and system CPU seconds (system: the kernel's side of its sockets).
+function serverCpuSplit() {
+  if (!opts.pid) return [0, 0];
   const stat = fs.readFileSync(`/proc/${opts.pid}/stat`, "utf8");
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / TICKS;
+  return [Number(fields[11]) / TICKS, Number(fields[12]) / TICKS];
 }
 // The load generator's own CPU (bench/presence.py shows how busy each core was).
 function clientCpuSeconds() {
@@ -371,15 +376,16 @@ const scenarios = {
         if ((await c.open()) !== "connected") throw new Error("refused");
         clients.push(c);
         const n = clients.length - offset;
-        if (n >= 0 && n % tenth === 0 && n <= opts.sockets) marks.push([now(), serverCpuSeconds(), clientCpuSeconds()]);
+        if (n >= 0 && n % tenth === 0 && n <= opts.sockets) marks.push([now(), ...serverCpuSplit(), clientCpuSeconds()]);
       }
     }
     await withDeadline(Promise.all(Array.from({ length: opts.concurrency }, worker)), opts.timeout, "fill");
     const tenths = [];
     for (let i = 1; i < marks.length; i++) {
-      const [t0, c0, k0] = marks[i - 1], [t1, c1, k1] = marks[i];
+      const [t0, u0, s0, k0] = marks[i - 1], [t1, u1, s1, k1] = marks[i];
+      const c0 = u0 + s0, c1 = u1 + s1;
       tenths.push({ from: offset + (i - 1) * tenth, to: offset + i * tenth, handshakes_per_s: tenth / ((t1 - t0) / 1000),
-                    server_cpu_ms_each: (1000 * (c1 - c0)) / tenth,
+                    server_cpu_ms_each: (1000 * (c1 - c0)) / tenth, server_system_ms_each: (1000 * (s1 - s0)) / tenth,
                     server_busy: (c1 - c0) / ((t1 - t0) / 1000), client_busy: (k1 - k0) / ((t1 - t0) / 1000) });
     }
     await sleep(2000); // the last presence batches go out
