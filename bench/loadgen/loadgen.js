@@ -196,6 +196,7 @@ class Client {
         head.length = 0;
       }
     });
+    socket.resume(); // in case `ws` had paused it for its own backpressure
     return true;
   }
 
