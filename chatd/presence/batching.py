@@ -6,8 +6,10 @@ room of thousands at most about once a second. SPEC's bound is on the whole
 trip (a change reaches every socket within 1 s), and a batch to thousands of
 sockets takes time to go out (written in slices, between other work: 150 ms and
 more at 5,000 under load), so a room's window is also cut short by how long its
-last batch took, keeping first change to last write within DEADLINE. A room's
-flushes run one after the other, so its events leave in order.
+last batch took, keeping first change to last write within DEADLINE — but to
+no less than half its size's window: on a server too loaded to keep the
+deadline, more frequent batches would only load it more. A room's flushes run
+one after the other, so its events leave in order.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ class ChangeBatcher:
         if pending is None:
             pending = self._pending[room] = {}
             loop = asyncio.get_running_loop()
-            window = min(self._window(room), DEADLINE - self._took.get(room, 0.0))
+            window = self._window(room)
+            took = self._took.get(room)
+            if took is not None:
+                window = min(window, max(window / 2, DEADLINE - took))
             self._timers[room] = loop.call_later(max(MIN_WINDOW, window), self._due, room)
         pending[member["id"]] = member
 
