@@ -37,9 +37,9 @@ share), and 100 more guests than the last mark are started (else the last
 tenth ends with the pipeline draining and the server waiting on the last round
 trips: 85-91 % busy in it with 100 in flight, 50-56 % with 200). So the tenths
 are sockets 100-600, ..., 4,600-5,100 of the room. Before the timed fill,
-`--warmup` guests come and go, so the first tenth is timed on a warm server. Each run
-starts a fresh chatd; the figure is the median of the runs' last tenth /
-first tenth, because one tenth lasts about a second on a shared machine.
+`--warmup` guests come and go, so the first tenth is timed on a warm server.
+Each run starts a fresh chatd; the figure is the median of the runs' last
+tenth / first tenth, because one tenth lasts about a second on a shared machine.
 Where a tenth is shorter than the presence window (0.9 s at 5,000), one tenth
 holds a flush and the next may not, and the tenth rates alternate; the same
 ratio over fifths (two tenths each) is printed beside it as a check.
