@@ -219,6 +219,7 @@ function onChat(message) {
   addMessages(room, [message], 0);
   typing.sent(message, room.online);
   const mine = view.isMine(message, me);
+  if (mine) outbox.heard(message);
   if (message.room === rooms.current && !mine) view.announce(`${message.name}: ${message.msg}`);
   if (!mine && mentionsMe(message, me)) {
     if (message.room !== rooms.current || document.hidden) {

@@ -766,6 +766,54 @@ async def test_edit_and_delete_ones_own_messages_everywhere_at_once(start_chatd,
     assert await shown_texts(carol) == ["a typo here", "bob's own"]
 
 
+async def test_a_message_whose_echo_comes_before_its_ack_is_shown_once(start_chatd, open_page):
+    """The server sends `new chat` to the room, the sender's sockets too, before it answers
+    `send chat`. Until the answer comes, the page shows the message once: delivered, not also
+    pending. Here the answer is held back by the browser to make that wait as long as needed."""
+    sends: set[str] = set()  # the ack id of the page's first `send chat`
+    held: list[str] = []  # the server's answers to them, not yet given to the page
+    to_page = []
+
+    def route(ws):
+        server = ws.connect_to_server()
+        to_page.append(ws)
+
+        def from_page(frame):
+            if not sends and isinstance(frame, str) and (sent := re.match(r'42(\d+)\["send chat"', frame)):
+                sends.add(sent[1])  # the first send's only
+            server.send(frame)
+
+        def from_server(frame):
+            if isinstance(frame, str) and (ack := re.match(r"43(\d+)", frame)) and ack[1] in sends:
+                held.append(frame)
+            else:
+                ws.send(frame)
+
+        ws.on_message(from_page)
+        server.on_message(from_server)
+
+    url = await start_chatd()
+    page = await online_now(
+        await open_page(url, "echo", before_goto=lambda page: page.route_web_socket(re.compile("/socket[.]io/"), route))
+    )
+    await send(page, "echoed before its ack")
+    for _ in range(100):
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    assert held, "the answer to send chat was never seen"
+    await expect(message(page, "echoed before its ack")).to_have_count(1)
+    await expect(message(page, "echoed before its ack")).not_to_have_class(re.compile("pending"))
+    await expect(page.locator(".outbox .message.pending")).to_have_count(0)
+
+    for frame in held:
+        to_page[-1].send(frame)
+    await expect(message(page, "echoed before its ack")).to_have_count(1)
+    await send(page, "and the next one")  # the outbox went on to the next message
+    await expect(message(page, "and the next one")).to_have_count(1)
+    assert await shown_texts(page) == ["echoed before its ack", "and the next one"]
+
+
 async def test_a_message_typed_while_the_server_is_down_appears_once_after_it_is_back(chatd_process, open_page):
     """The outbox sends it with its client_id when the page is back; meanwhile another session
     edited and deleted messages, which the page catches up with through `history` `since`."""

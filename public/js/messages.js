@@ -32,6 +32,11 @@ export class Outbox {
     // Per tab, as the rooms are: a reload keeps what had not been sent yet.
     this.items = JSON.parse(sessionStorage.getItem(STORAGE_KEY) || "[]");
     this.flushingOn = null; // the connection a flush is sending on
+    this.sending = null; // the item whose `send chat` waits for its answer
+    // Items whose `new chat` came back before the answer did: shown in the log already, so no
+    // longer drawn as pending. Not saved with the items: after a reload they are sent again,
+    // and the server answers a kept client_id without storing it twice.
+    this.echoed = new WeakSet();
     this.timer = null;
     this.list = document.createElement("ol");
     this.list.className = "messages outbox";
@@ -58,6 +63,7 @@ export class Outbox {
       while (this.items.length && this.page.ready() && this.page.connection() === current) {
         const item = this.items[0];
         try {
+          this.sending = item;
           await current.request("send chat", { room: item.room, msg: item.msg, client_id: item.clientId });
         } catch (error) {
           if (retryable(error)) {
@@ -71,6 +77,8 @@ export class Outbox {
           }
           this.page.showError(error); // refused for good (e.g. not in that room any more): give the text back
           this.page.putBack(item.msg);
+        } finally {
+          this.sending = null;
         }
         if (this.items[0] === item) this.items.shift();
         this.#changed();
@@ -78,6 +86,18 @@ export class Outbox {
     } finally {
       if (this.flushingOn === current) this.flushingOn = null;
     }
+  }
+
+  /**
+   * One's own `new chat` arrived. The server sends it to the room before it answers `send chat`,
+   * so for a moment the message is in the log and still in the outbox: if it is the one waiting
+   * for its answer, stop drawing that one as pending.
+   */
+  heard(message) {
+    const item = this.sending;
+    if (!item || item.room !== message.room || item.msg.trim() !== message.msg) return;
+    this.echoed.add(item);
+    this.render();
   }
 
   #later(ms) {
@@ -95,7 +115,7 @@ export class Outbox {
     this.shown = roomName;
     this.list.replaceChildren(
       ...this.items
-        .filter((item) => item.room === roomName)
+        .filter((item) => item.room === roomName && !this.echoed.has(item))
         .map((item) => {
           const node = document.createElement("li");
           node.className = "message mine pending";
