@@ -13,8 +13,10 @@ a websocket to /socket.io/, the namespace CONNECT, the `welcome`; the socket
 then stays in `general`, answering pings. Prints, for each successive tenth
 of the room, handshakes per second, the server's CPU time per handshake (from
 /proc, so it does not depend on the client; with the kernel's part of it,
-system time, beside it) and how busy each core was, then the server's CPU for
-half of the room disconnecting at once. With `--redis`, chatd runs with a
+system time, beside it), how busy each core was and how much of the server's
+core the hypervisor took (steal, in /proc/stat: on a shared host it comes and
+goes, and a tenth with much of it is slow for reasons not chatd's), then the
+server's CPU for half of the room disconnecting at once. With `--redis`, chatd runs with a
 throwaway redis-server (`--redis-url`, so presence is the Redis store of
 chatd/presence/redis.py; Redis's own CPU is not counted).
 
@@ -81,8 +83,8 @@ def cpu_seconds(pid: int) -> float:
 def fill(base: str, args: argparse.Namespace, pid: int) -> dict:
     """The clients: the load generator of `make bench` (Node, `ws`) on CPU 1."""
     argv = ["taskset", "-c", str(CLIENT_CPU), "node", str(LOADGEN), "fill", "--url", base, "--pid", str(pid),
-            "--sockets", str(args.sockets), "--concurrency", str(args.concurrency), "--prefill", str(args.warmup),
-            "--timeout", "600"]
+            "--server-cpu", str(SERVER_CPU), "--sockets", str(args.sockets), "--concurrency", str(args.concurrency),
+            "--prefill", str(args.warmup), "--timeout", "600"]
     result = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     if "error" in result:
         raise SystemExit(f"the load generator failed: {result}")
@@ -104,11 +106,12 @@ def print_run(number: int, result: dict) -> tuple[float, float]:
     """One run's table; returns its last tenth / first tenth, and the same over fifths."""
     print(f"run {number}:")
     print(f"{'sockets in the room':>22} {'handshakes/s':>13} {'server CPU/handshake':>21}"
-          f" {'of it system':>13} {'server busy':>12} {'client busy':>12}")
+          f" {'of it system':>13} {'server busy':>12} {'client busy':>12} {'stolen':>7}")
     for tenth in result["tenths"]:
         label = f"{tenth['from']}–{tenth['to']}"
         print(f"{label:>22} {tenth['handshakes_per_s']:13.0f} {tenth['server_cpu_ms_each']:18.2f} ms"
-              f" {tenth['server_system_ms_each']:10.2f} ms {tenth['server_busy']:12.0%} {tenth['client_busy']:12.0%}")
+              f" {tenth['server_system_ms_each']:10.2f} ms {tenth['server_busy']:12.0%} {tenth['client_busy']:12.0%}"
+              f" {tenth['server_core_stolen']:7.0%}")
     first, last = result["tenths"][0]["handshakes_per_s"], result["tenths"][-1]["handshakes_per_s"]
     by_fifths = fifths(result["tenths"])
     print(f"last tenth / first tenth: {last / first:.2f} (over fifths: {by_fifths:.2f})")
