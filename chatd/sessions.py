@@ -80,8 +80,16 @@ class RotatingFernet(Fernet):
     """A `Fernet` (so `EncryptedCookieStorage` accepts it) that behaves as a `MultiFernet`:
     the first key encrypts, every key decrypts."""
 
+    def __new__(cls, keys: list[str] | tuple[str, ...]) -> RotatingFernet:
+        # cryptography 51 made Fernet a native type that takes its key in `__new__`;
+        # before, a Python class that took it in `__init__`. Both are supported.
+        if Fernet.__new__ is object.__new__:
+            return super().__new__(cls)
+        return super().__new__(cls, keys[0])
+
     def __init__(self, keys: list[str] | tuple[str, ...]) -> None:
-        super().__init__(keys[0])
+        if Fernet.__init__ is not object.__init__:
+            super().__init__(keys[0])
         self._multi = MultiFernet([Fernet(k) for k in keys])
         self._each = [(Fernet(k), _member_id_key(k)) for k in keys]
 
