@@ -131,8 +131,8 @@ class Sequencer:
         `unused` or enters a fresh room; and a forgotten room restarts from storage.
         """
         room = self._rooms.get(name)
-        if room is None:
-            return
+        if room is None or not unused():
+            return  # still in use here (the common case): no wait behind a delivery under way
         async with room.lock:
             if self._rooms.get(name) is room and unused():
                 del self._rooms[name]

@@ -195,6 +195,28 @@ async def test_a_forgotten_room_restarts_from_storage_and_an_unused_check_can_ke
     assert recorder.ids == []
 
 
+async def test_leaving_a_room_others_are_still_in_does_not_wait_for_a_delivery_under_way(storage):
+    """A disconnect from a room still in use has nothing to decide under the room's lock."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow(published: dict) -> None:  # a delivery that takes a while (thousands of sockets)
+        started.set()
+        await release.wait()
+
+    sequencer = Sequencer(storage, slow, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    (message,) = await store(storage, 1)
+    delivering = asyncio.ensure_future(sequencer.receive(new(message)))
+    await asyncio.wait_for(started.wait(), 2)
+    await asyncio.wait_for(sequencer.forget("general", lambda: False), 0.5)
+    assert sequencer.tracks("general")
+    release.set()
+    await delivering
+    await sequencer.forget("general")  # the last one out: under the lock, once the delivery is done
+    assert not sequencer.tracks("general")
+
+
 async def test_edits_and_deletes_come_out_in_rev_order_with_the_messages(storage):
     recorder = Recorder()
     sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
