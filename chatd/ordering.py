@@ -32,8 +32,9 @@ process that has just started, or a room whose old revs have gaps, starts from
 what storage holds now, and older gaps never stall delivery.
 
 A joining socket must enter the room and read the watermark with no delivery
-in between: `enter` runs the caller's join under the room's lock and returns the
-highest message id delivered; the socket's history is then the messages up to it.
+in between: `enter` runs the caller's join (which does not wait) while no
+delivery is under way and returns the highest message id delivered; the
+socket's history is then the messages up to it.
 
 When the last local socket leaves a room, the caller `forget`s it, and feeds
 the sequencer only the changes of rooms it `tracks`: every process hears every
@@ -101,18 +102,24 @@ class Sequencer:
         room = self._rooms[name] = _Room(delivered=last_rev, last_id=last_id)
         return room
 
-    async def enter(self, name: str, join: Callable[[], Awaitable[None]]) -> int:
+    async def enter(self, name: str, join: Callable[[], None]) -> int:
         """Run `join` (a socket entering the room) with no delivery alongside; the last message id then.
 
         The socket is sent every change after the watermark, so its history should
-        be the messages up to the returned id.
+        be the messages up to the returned id. `join` does not wait, so where no
+        delivery holds the room's lock the two happen with nothing in between, and
+        the lock is not taken (a session in 50 rooms enters them all per handshake).
         """
+        room = self._rooms.get(name)
+        if room is not None and not room.lock.locked():
+            join()
+            return room.last_id
         while True:
             room = await self._room(name)
             async with room.lock:
                 if self._rooms.get(name) is not room:
                     continue  # forgotten while we waited: the room restarts from storage
-                await join()
+                join()
                 return room.last_id
 
     def watermark(self, name: str) -> int | None:
