@@ -76,19 +76,20 @@ class Identity:
         return owner_key(self.account, self.member_id)
 
 
+# cryptography 51 made Fernet a native type that takes its key in `__new__`; before, it
+# was a Python class that took it in `__init__`. RotatingFernet supports both.
+_FERNET_KEYED_IN_NEW = Fernet.__new__ is not object.__new__
+
+
 class RotatingFernet(Fernet):
     """A `Fernet` (so `EncryptedCookieStorage` accepts it) that behaves as a `MultiFernet`:
     the first key encrypts, every key decrypts."""
 
     def __new__(cls, keys: list[str] | tuple[str, ...]) -> RotatingFernet:
-        # cryptography 51 made Fernet a native type that takes its key in `__new__`;
-        # before, a Python class that took it in `__init__`. Both are supported.
-        if Fernet.__new__ is object.__new__:
-            return super().__new__(cls)
-        return super().__new__(cls, keys[0])
+        return super().__new__(cls, keys[0]) if _FERNET_KEYED_IN_NEW else super().__new__(cls)
 
     def __init__(self, keys: list[str] | tuple[str, ...]) -> None:
-        if Fernet.__init__ is not object.__init__:
+        if not _FERNET_KEYED_IN_NEW:
             super().__init__(keys[0])
         self._multi = MultiFernet([Fernet(k) for k in keys])
         self._each = [(Fernet(k), _member_id_key(k)) for k in keys]
