@@ -94,6 +94,15 @@ async def test_a_new_owner_is_in_general_read_up_to_now_and_rooms_are_kept_per_o
     assert await storage.room_states("s:guest2") == []
 
 
+async def test_tabs_of_a_new_owner_opened_at_once_are_each_in_general(storage):
+    """A new owner's handshakes at the same moment (PostgreSQL: on different connections, one
+    seeding while the others read) each get general, not the empty list read before the seed."""
+    await add(storage, "general", 2)
+    for i in range(20):
+        tabs = await asyncio.gather(*(storage.room_states(f"s:tabs{i}") for _ in range(3)))
+        assert tabs == [[state("general", 2, 2)]] * 3, i
+
+
 async def test_handshakes_that_arrive_together_each_get_their_own_rooms(storage):
     """Handshakes read their rooms together (SQLite: one trip, one commit for the new owners
     among them): each gets its owner's rooms, a repeat of a new owner seeds it once."""

@@ -439,9 +439,10 @@ class PostgresStorage(Storage):
             states = await self._room_states(conn, owner, room)
             if not states and room is None:
                 async with conn.transaction():
-                    seeded = await self._seed(conn, owner)
-                if seeded:
-                    states = await self._room_states(conn, owner, None)
+                    await self._seed(conn, owner)
+                # Read again whoever seeded it: a handshake of the same new owner on another
+                # connection may have, between our read and our seed (its second tab).
+                states = await self._room_states(conn, owner, None)
         return states
 
     @staticmethod
@@ -449,17 +450,16 @@ class PostgresStorage(Storage):
         return [room_state(tuple(row)) for row in await conn.fetch(ROOM_STATES, owner, _mention_key(owner), room)]
 
     @staticmethod
-    async def _seed(conn: asyncpg.Connection, owner: str) -> bool:
-        """An owner seen for the first time is in general; True if it was new. Then holds the
-        owner's row locked until the transaction ends: one change of its rooms at a time."""
+    async def _seed(conn: asyncpg.Connection, owner: str) -> None:
+        """An owner seen for the first time is in general. Then holds the owner's row locked
+        until the transaction ends: one change of its rooms at a time."""
         new = await conn.fetchval(
             "INSERT INTO room_owners (owner) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", owner
         )
         if new:
             await PostgresStorage._add_membership(conn, owner, DEFAULT_ROOM)
-            return True
-        await conn.execute("SELECT 1 FROM room_owners WHERE owner = $1 FOR UPDATE", owner)
-        return False
+        else:
+            await conn.execute("SELECT 1 FROM room_owners WHERE owner = $1 FOR UPDATE", owner)
 
     @staticmethod
     async def _add_membership(conn: asyncpg.Connection, owner: str, room: str) -> None:
