@@ -454,6 +454,19 @@ const scenarios = {
     return { tenths, dropped: half, drop_server_cpu_s: dropCpu, skimmed, skim_errors: skimErrors };
   },
 
+  // `sockets` guests connected and skimmed (as in `fill`), held until stdin closes: the
+  // room of bench/fanout.py, which writes to them from inside the server. Prints a
+  // {"ready": n} line once all are in.
+  async hold() {
+    const clients = await withDeadline(connectMany(opts.sockets, opts.concurrency, "fresh"), opts.timeout, "connect");
+    let skimmed = 0;
+    for (const c of clients) if (c.skim()) skimmed++;
+    process.stdout.write(JSON.stringify({ ready: clients.length, skimmed }) + "\n");
+    await new Promise((resolve) => { process.stdin.on("end", resolve); process.stdin.resume(); });
+    clients.forEach((c) => c.close());
+    return { held: clients.length, skimmed, skim_errors: skimErrors };
+  },
+
   // Resident memory added per connected, idle socket.
   async memory() {
     const warm = await connectMany(20, 10, opts.cookies); // first-use costs out of the way
