@@ -349,6 +349,24 @@ async def test_a_large_presence_batch_is_written_in_slices_with_the_loop_running
                 await socket.nothing("probe", wait=0.05)
 
 
+async def test_a_slice_written_at_once_keeps_its_place_behind_frames_the_turn_holds(aiohttp_server, make_config):
+    """A slice's frames go to the transport at once (`DirectWebSocket.write_now`), except to a
+    socket with frames of the same turn still waiting for the turn's end: there they go after
+    them, so a socket hears a room's events in the order they were sent."""
+    from chatd.rooms import chat_room
+
+    async with guests_in_process(aiohttp_server, make_config, 3) as (manager, sockets):
+        await asyncio.sleep(0.3)  # their own presence batches are out
+        room = chat_room("general")
+        await manager.emit("probe", {"n": 0}, namespace="/", room=room)  # quiet: written at once
+        await asyncio.sleep(0)  # that turn flushed; the next is busy (Flusher.QUIET_SECONDS)...
+        await manager.emit("probe", {"n": 1}, namespace="/", room=room)  # ...so this waits for its end
+        await manager.emit_in_slices("probe", {"n": 2}, "/", room)  # one slice, in the same turn
+        await manager.emit("probe", {"n": 3}, namespace="/", room=room)
+        for socket in sockets:
+            assert [(await socket.next("probe"))["n"] for _ in range(4)] == [0, 1, 2, 3]
+
+
 def test_a_snapshot_is_the_cached_list_cut_where_the_caller_goes():
     """The welcome's list is written as slices of presence's cached bytes with the caller's
     entry between them: wherever the caller sorts, the pieces read as the sorted list."""

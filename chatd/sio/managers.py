@@ -147,7 +147,7 @@ class FastBroadcastMixin(socketio.AsyncManager):
                 await asyncio.sleep(0)  # the loop's other work between slices
                 present = self.rooms.get(namespace, {}).get(room, {})
                 members = [member for member in members if member[0] in present]
-            await self._deliver(pkt, [eio_sid for _, eio_sid in members])
+            await self._deliver(pkt, [eio_sid for _, eio_sid in members], now=True)
 
     def _shared_packet(self, event: str, data, namespace: str) -> eio_packet.Packet | None:
         """The Engine.IO packet every recipient gets, or None where python-socketio must deliver
@@ -166,8 +166,13 @@ class FastBroadcastMixin(socketio.AsyncManager):
             return None
         return eio_packet.Packet(eio_packet.MESSAGE, encoded)
 
-    async def _deliver(self, pkt: eio_packet.Packet, recipients: Iterable[str]) -> None:
-        """One frame, built once, to each direct websocket; the rest through their queues."""
+    async def _deliver(self, pkt: eio_packet.Packet, recipients: Iterable[str], *, now: bool = False) -> None:
+        """One frame, built once, to each direct websocket; the rest through their queues.
+
+        `now`: written at once where nothing of this turn waits for the socket
+        (`DirectWebSocket.write_now`), not gathered for the turn's end: for a slice
+        of a large room, where each socket gets this one frame in the turn.
+        """
         eio = self.server.eio
         frame = None
         queued = []
@@ -180,7 +185,10 @@ class FastBroadcastMixin(socketio.AsyncManager):
             if frame is None:
                 frame = websocket_frame(pkt.encode())
             try:
-                ws.write(frame)
+                if now:
+                    ws.write_now(frame)
+                else:
+                    ws.write(frame)
             except ConnectionResetError:
                 pass  # gone; its reader closes it
         # The rest (polling, upgraded or compressed connections) the way engine.io
