@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 from cryptography.fernet import Fernet
 
+from conftest import Visitor
 from services import ChatdProcess
 from nginx_service import NginxService, nginx_missing, start_nginx
 from pg_service import create_database, drop_database
@@ -86,3 +88,19 @@ def running_cluster(
             cluster.stop()
     finally:
         drop_database(pg_server_url, database)
+
+
+@pytest.fixture
+async def visitors():
+    """`await visitors(url)` makes a visitor of one of the cluster's processes; all are closed
+    afterwards. (conftest's `visitors` would start the default server for nothing.)"""
+    made: list[Visitor] = []
+
+    async def make(url: str) -> Visitor:
+        visitor = Visitor(url)
+        made.append(visitor)
+        return visitor
+
+    yield make
+    for visitor in made:
+        await visitor.close()

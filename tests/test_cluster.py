@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet
 
 import socketio
 
-from cluster_service import Cluster, running_cluster
+from cluster_service import Cluster, running_cluster, visitors  # noqa: F401 (fixture)
 from conftest import RawSocket, SocketClient, Visitor, connect_socket, refusal
 from redis_service import redis_service, redis_url  # noqa: F401 (fixtures)
 
@@ -33,20 +33,6 @@ def cluster(tmp_path_factory, pg_server) -> Cluster:
     flags = ["--chat-burst", str(CHAT_BURST), "--chat-rate", str(CHAT_RATE)]
     with running_cluster(tmp_path_factory.mktemp("cluster"), pg_server[0], *flags) as cluster:
         yield cluster
-
-
-@pytest.fixture
-async def visitors():
-    made: list[Visitor] = []
-
-    async def make(url: str) -> Visitor:
-        visitor = Visitor(url)
-        made.append(visitor)
-        return visitor
-
-    yield make
-    for visitor in made:
-        await visitor.close()
 
 
 async def as_visitor_of(visitors, url: str, cookie: str) -> Visitor:

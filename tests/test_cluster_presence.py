@@ -20,7 +20,7 @@ import pytest
 
 from chatd.presence.redis import ALIVE_SECONDS, CHANNEL, HEARTBEAT_SECONDS, PREFIX
 from conftest import ChatdProcess, SocketClient, Visitor, apply_presence, by_name, connect_socket
-from cluster_service import Cluster, running_cluster
+from cluster_service import Cluster, running_cluster, visitors  # noqa: F401 (fixture)
 from redis_service import redis_service, start_redis  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.cluster
@@ -42,20 +42,6 @@ def fresh_cluster(tmp_path, pg_server):
     """A cluster of its own, for a test that stops one of its processes."""
     with running_cluster(tmp_path, pg_server[0], *FLAGS) as made:
         yield made
-
-
-@pytest.fixture
-async def visitors():
-    made: list[Visitor] = []
-
-    async def make(url: str) -> Visitor:
-        visitor = Visitor(url)
-        made.append(visitor)
-        return visitor
-
-    yield make
-    for visitor in made:
-        await visitor.close()
 
 
 async def tab(visitors, url: str, cookie_from: Visitor | None = None, transport: str = "websocket") -> SocketClient:
