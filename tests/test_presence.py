@@ -367,6 +367,25 @@ async def test_a_slice_written_at_once_keeps_its_place_behind_frames_the_turn_ho
             assert [(await socket.next("probe"))["n"] for _ in range(4)] == [0, 1, 2, 3]
 
 
+async def test_a_slice_written_at_once_counts_as_a_busy_turn_for_the_next_ones(aiohttp_server, make_config):
+    """Frames written at once by a slice count, for `Flusher`'s quiet rule, as a turn that
+    wrote: the next turn's broadcast is gathered for the turn's end, not written at once."""
+    from chatd.rooms import chat_room
+
+    async with guests_in_process(aiohttp_server, make_config, 2) as (manager, sockets):
+        room = chat_room("general")
+        _, eio_sid = next(iter(manager.get_participants("/", room)))
+        ws = manager.server.eio.direct_websocket(eio_sid)
+        ws.flusher.QUIET_SECONDS = 0.5  # this server's only: a slow machine's pauses do not matter
+        await asyncio.sleep(0.6)  # quiet
+        await manager.emit_in_slices("probe", {"n": 0}, "/", room)
+        await asyncio.sleep(0)  # the next turn
+        await manager.emit("probe", {"n": 1}, namespace="/", room=room)
+        assert ws._pending, "written at once, as if the server were quiet"  # held: waits for the turn's end
+        for socket in sockets:
+            assert [(await socket.next("probe"))["n"] for _ in range(2)] == [0, 1]
+
+
 def test_a_snapshot_is_the_cached_list_cut_where_the_caller_goes():
     """The welcome's list is written as slices of presence's cached bytes with the caller's
     entry between them: wherever the caller sorts, the pieces read as the sorted list."""

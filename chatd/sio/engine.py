@@ -305,7 +305,8 @@ class Flusher:
 
     One callback for a broadcast to thousands of sockets, not one per socket.
     It also tells whether this turn's first frames may be written at once: yes
-    when no turn has flushed in the last QUIET_SECONDS (see `DirectWebSocket.write`).
+    when no turn has flushed, or written at once (`written_at_once`), in the last
+    QUIET_SECONDS (see `DirectWebSocket.write`).
     """
 
     QUIET_SECONDS = 0.002
@@ -330,6 +331,11 @@ class Flusher:
                 ws.flush()
             except Exception:  # one broken transport must not keep the others' frames
                 log.debug("could not flush a websocket", exc_info=True)
+        self._last_flush = time.monotonic()
+
+    def written_at_once(self) -> None:
+        """Frames went to transports outside the turn's flush (`DirectWebSocket.write_now`):
+        for the quiet rule that is a flush too, else the next turn would write at once."""
         self._last_flush = time.monotonic()
 
 

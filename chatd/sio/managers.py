@@ -176,6 +176,7 @@ class FastBroadcastMixin(socketio.AsyncManager):
         eio = self.server.eio
         frame = None
         queued = []
+        flusher = None  # the server's, once a frame was written at once
         for eio_sid in recipients:
             socket = eio.sockets.get(eio_sid)
             ws = direct_websocket(socket)
@@ -187,10 +188,13 @@ class FastBroadcastMixin(socketio.AsyncManager):
             try:
                 if now:
                     ws.write_now(frame)
+                    flusher = ws.flusher
                 else:
                     ws.write(frame)
             except ConnectionResetError:
                 pass  # gone; its reader closes it
+        if flusher is not None:
+            flusher.written_at_once()
         # The rest (polling, upgraded or compressed connections) the way engine.io
         # sends: in call order, through each socket's queue, without a task each.
         for eio_sid in queued:
