@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--sizes", default="100,5000,20000,45000")
     args = parser.parse_args()
-    if os.cpu_count() < 2:
+    if (os.cpu_count() or 1) < 2:
         sys.exit("needs two CPUs: the writer on CPU 0, the reader on CPU 1")
     os.sched_setaffinity(0, {0})
     listener = socket.create_server(("127.0.0.1", 0), backlog=args.sockets)
