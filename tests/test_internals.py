@@ -24,7 +24,7 @@ from engineio.async_drivers import aiohttp as engineio_aiohttp
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
 from chatd.sio.engine import DirectSocket, EngineServer, EngineSocket
-from chatd.sio.managers import FastBroadcastMixin
+from chatd.sio.managers import FastBroadcastMixin, RoomIndex
 
 from conftest import ROOT
 
@@ -120,6 +120,27 @@ def test_socketio_manager_rooms_layout_we_read():
         socketio.base_manager.BaseManager.__init__
     )
     assert "self.rooms[namespace][room] = bidict()" in source(socketio.base_manager.BaseManager.basic_enter_room)
+
+
+def test_socketio_reads_a_room_as_a_bidict_only_where_room_index_replaces_it():
+    # RoomIndex keeps every room but the namespace's sid map (room None) as a plain dict,
+    # and replaces get_participants, the one reader of a room's bidict internals.
+    package = Path(socketio.__file__).parent
+    uses = sorted(
+        (path.name, line.strip())
+        for path in package.glob("*.py")
+        for line in path.read_text().splitlines()
+        if any(name in line for name in ("_fwdm", "_invm", ".inverse", ".inv["))
+    )
+    assert uses == [
+        ("base_manager.py", "participants = ns[room[0]]._fwdm.copy() if room[0] in ns else {}"),
+        ("base_manager.py", "participants = ns[room]._fwdm.copy() if room in ns else {}"),
+        ("base_manager.py", "participants.update(ns[r]._fwdm if r in ns else {})"),
+        ("base_manager.py", "return self.rooms[namespace][None]._invm[eio_sid]"),
+    ], uses
+    assert "def get_participants(" in source(RoomIndex)
+    # The rest of python-socketio treats a room as a mapping: a plain dict behaves the same.
+    assert "del self.rooms[namespace][room][sid]" in source(socketio.base_manager.BaseManager.basic_leave_room)
 
 
 def test_pubsub_managers_deliver_locally_through_the_mixin():
