@@ -88,13 +88,14 @@ class Handshake:
         await self.sio.enter_room(sid, person_room(owner))
         rooms = await self.storage.room_states(owner)
         history, online, room = [], NOBODY, None
+        member = user.presence_member()  # once, not once per room: a session may be in 50
         for room_state in rooms:
             name = room_state["room"]
             if name == DEFAULT_ROOM:
                 room = DEFAULT_ROOM
                 history, online = await self.rooms.enter(sid, state, name)
             elif name not in state.rooms:
-                await self.rooms.enter_quietly(sid, state, name)
+                await self.rooms.enter_quietly(sid, state, name, member)
         self.metrics.handshake_accepted()
         # Sent once python-socketio has answered the CONNECT (`connected`): a Socket.IO
         # client drops, or must buffer, an event that comes before that answer.

@@ -85,13 +85,14 @@ class Rooms:
         history = await self.history_until(room, watermark)
         return history, await self.presence.snapshot(room, state.user.presence_member())
 
-    async def enter_quietly(self, sid: str, state: SocketState, room: str) -> int:
+    async def enter_quietly(self, sid: str, state: SocketState, room: str, member: Member | None = None) -> int:
         """Join a chat room, its live events and its presence, without reading its history or
-        list (the rooms a socket enters at connect); the id its live `new chat`s start after."""
+        list (the rooms a socket enters at connect); the id its live `new chat`s start after.
+        `member`: the session's presence Member, where the caller has it already."""
         state.rooms.add(room)
         # The history stops where this socket's live changes start (ordering.py).
         watermark = await self.sequencer.enter(room, lambda: self._enter_sio_room(sid, room))
-        await self.presence.join(room, sid, state.user.presence_member())
+        await self.presence.join(room, sid, member or state.user.presence_member())
         return watermark
 
     def _enter_sio_room(self, sid: str, room: str) -> None:
@@ -128,12 +129,15 @@ class Rooms:
 
     async def _release(self, sid: str, rooms: Iterable[str]) -> None:
         """Rooms where no other socket of this process is left stop being ordered here."""
+        manager = self.sio.manager
         for room in list(rooms):
+            # The room's size, not a walk through it: a storm of N disconnects stays O(N).
+            if manager.room_size("/", chat_room(room)) > 1:
+                continue  # another socket is in it (the common case): nothing to forget, no step more
 
             def unused(room: str = room) -> bool:  # `sid` itself is still listed while it disconnects
-                # The room's size, not a walk through it: a storm of N disconnects stays O(N).
-                size = self.sio.manager.room_size("/", chat_room(room))
-                return size == 0 or (size == 1 and chat_room(room) in self.sio.manager.get_rooms(sid, "/"))
+                size = manager.room_size("/", chat_room(room))
+                return size == 0 or (size == 1 and chat_room(room) in manager.get_rooms(sid, "/"))
 
             await self.sequencer.forget(room, unused)
 

@@ -316,6 +316,40 @@ async def test_disconnects_leave_no_trace_in_the_manager_and_rooms_are_indexed(a
         assert {sid for _, sid in manager._rooms_of} == left
 
 
+async def test_a_room_stays_ordered_here_until_its_last_socket_here_leaves(aiohttp_server, make_config):
+    # Rooms._release: a room others are still in is kept without a step more; the last
+    # socket's leaving, or disconnecting, ends its ordering on this process.
+    from chatd.web import REALTIME, create_app
+
+    app = create_app(make_config())
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/")).rstrip("/")
+    sequencer = app[REALTIME].rooms.sequencer
+    visitors_ = [Visitor(url) for _ in range(3)]
+    try:
+        sockets = []
+        for visitor in visitors_:
+            socket = await visitor.socket()
+            await socket.next("welcome")
+            assert (await socket.call("join", {"room": "side"}))["ok"] is True
+            sockets.append(socket)
+        assert sequencer.tracks("side")
+        await sockets[0].close()
+        assert (await sockets[1].call("leave", {"room": "side"}))["ok"] is True
+        await asyncio.sleep(0.2)
+        assert sequencer.tracks("side"), "a socket is still in the room"
+        await sockets[2].close()
+        for _ in range(50):
+            if not sequencer.tracks("side"):
+                break
+            await asyncio.sleep(0.02)
+        assert not sequencer.tracks("side")
+        assert sequencer.tracks("general"), "the second guest is still in general"
+    finally:
+        for visitor in visitors_:
+            await visitor.close()
+
+
 async def test_a_large_presence_batch_is_written_in_slices_with_the_loop_running_between(aiohttp_server, make_config):
     """Presence events go out `size` sockets per event-loop turn (chatd/sio/managers.py,
     `emit_in_slices`): other work runs between the slices, every socket of the room gets

@@ -92,7 +92,11 @@ class RoomIndex:
                 ns[room] = {sid: eio_sid}
             else:
                 members[sid] = eio_sid
-        self._rooms_of.setdefault((namespace, sid), set()).add(room)
+        rooms = self._rooms_of.get((namespace, sid))
+        if rooms is None:
+            self._rooms_of[(namespace, sid)] = {room}
+        else:
+            rooms.add(room)
 
     def basic_leave_room(self, sid, namespace, room):
         ns = self.rooms.get(namespace)
