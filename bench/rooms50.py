@@ -11,24 +11,31 @@ the cost). Then, for each account in turn, `--handshakes` times in a row: a
 websocket to /socket.io/, the namespace CONNECT, the `welcome`, close — with
 no other socket of the account open (the worst case: its presence changes in
 every room) and, as a second figure, with one other tab of it open (presence
-does not change). The server's CPU comes from /proc, so the client does not
-count. Prints CPU per handshake for each and the ratio fifty / one; the figure
-is the median ratio over `--repeat` runs, each on a fresh chatd.
+does not change). The server's CPU comes from /proc (the scheduler's
+nanoseconds for each of its threads), so the client does not count. The two
+accounts take turns, `--chunk` handshakes each (the order swapped every
+round), so that a host that is slower for a few seconds slows both alike:
+measured one after the other, `one` then `fifty`, ratios of single runs
+spread 0.97–1.87 on a shared machine. Prints CPU per handshake for each and
+the ratio fifty / one; the figure is the median ratio over `--repeat` runs,
+each on a fresh chatd.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import aiohttp
 
-from presence import cpu_seconds, serving  # bench/presence.py, beside this file
+from presence import serving  # bench/presence.py, beside this file
 
 SERVER_CPU, CLIENT_CPU = 0, 1
 PASSWORD = "correct horse"
@@ -84,24 +91,42 @@ async def drain(ws) -> None:
             await ws.send_str("3")
 
 
-async def cycles(account: Account, count: int, pid: int) -> float:
-    """Server CPU milliseconds per handshake (connect, welcome, close), `count` in a row."""
+SETTLE = 0.2  # seconds: a room of two publishes presence within its 0.05 s window
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time, every thread's, in the scheduler's nanoseconds (/proc, Linux):
+    a chunk of handshakes costs a tenth of a second, where clock ticks would be 10 ms steps."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+async def chunk(account: Account, count: int, pid: int, idle: float) -> float:
+    """Server CPU seconds for `count` handshakes (connect, welcome, close) in a row and the
+    presence changes they cause (published within SETTLE), less what the idle server uses."""
     before = cpu_seconds(pid)
     for _ in range(count):
         ws, welcome = await account.connect()
         await ws.close()
-    await asyncio.sleep(1.2)  # the presence changes they caused are published (and counted)
-    return (cpu_seconds(pid) - before - 1.2 * idle_cpu_per_second(pid)) * 1000 / count
+    await asyncio.sleep(SETTLE)
+    return cpu_seconds(pid) - before - SETTLE * idle
 
 
-_idle: dict[int, float] = {}
+async def side_by_side(accounts: dict[str, Account], count: int, size: int, pid: int, idle: float) -> dict[str, float]:
+    """Server CPU milliseconds per handshake of each account, `count` each, taking turns `size` at a time."""
+    totals = dict.fromkeys(accounts, 0.0)
+    order = list(accounts)
+    for _ in range(count // size):
+        for label in order:
+            totals[label] += await chunk(accounts[label], size, pid, idle)
+        order.reverse()
+    return {label: total * 1000 / (count // size * size) for label, total in totals.items()}
 
 
-def idle_cpu_per_second(pid: int) -> float:
-    return _idle.get(pid, 0.0)
-
-
-async def measure(base: str, pid: int, handshakes: int) -> dict:
+async def measure(base: str, pid: int, handshakes: int, size: int) -> dict:
     one, fifty, writer = Account(base, "one"), Account(base, "fifty"), Account(base, "writer")
     try:
         for account in (one, fifty, writer):
@@ -128,18 +153,18 @@ async def measure(base: str, pid: int, handshakes: int) -> dict:
         await asyncio.sleep(1.2)
         start = cpu_seconds(pid)
         await asyncio.sleep(2.0)
-        _idle[pid] = (cpu_seconds(pid) - start) / 2.0
-        figures = {}
-        for label, account in (("one", one), ("fifty", fifty)):
-            await cycles(account, handshakes // 5, pid)  # warm-up
-            figures[label] = await cycles(account, handshakes, pid)
+        idle = (cpu_seconds(pid) - start) / 2.0
+        accounts = {"one": one, "fifty": fifty}
+        await side_by_side(accounts, handshakes // 5, size, pid, idle)  # warm-up
+        figures = await side_by_side(accounts, handshakes, size, pid, idle)
         # With another tab of each open: presence does not change.
         tabs = []
-        for label, account in (("one", one), ("fifty", fifty)):
+        for account in accounts.values():
             tab, _ = await account.connect()
             tabs.append(tab)
             tabs.append(asyncio.ensure_future(drain(tab)))
-            figures[label + " (another tab open)"] = await cycles(account, handshakes, pid)
+        tabbed = await side_by_side(accounts, handshakes, size, pid, idle)
+        figures.update({label + " (another tab open)": ms for label, ms in tabbed.items()})
         resident.cancel()
         for item in tabs:
             if isinstance(item, asyncio.Future):
@@ -152,24 +177,27 @@ async def measure(base: str, pid: int, handshakes: int) -> dict:
             await account.close()
 
 
-def run_once(handshakes: int) -> dict:
+def run_once(handshakes: int, size: int) -> dict:
     with serving("--chat-rate", "0") as (url, pid):
-        return asyncio.run(measure(url, pid, handshakes))
+        return asyncio.run(measure(url, pid, handshakes, size))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--handshakes", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=50, help="handshakes per turn (see the docstring)")
     args = parser.parse_args()
+    if args.handshakes < args.chunk or args.handshakes // 5 < args.chunk:
+        raise SystemExit("--handshakes must be at least 5 × --chunk (the warm-up is a fifth of it)")
     os.sched_setaffinity(0, {CLIENT_CPU})
     print(f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}; server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}; "
-          f"{args.handshakes} handshakes per figure")
+          f"{args.handshakes} handshakes per figure, {args.chunk} at a time, the accounts taking turns")
     ratios: dict[str, list[float]] = {"": [], " (another tab open)": []}
     for number in range(1, args.repeat + 1):
         started = time.monotonic()
-        figures = run_once(args.handshakes)
+        figures = run_once(args.handshakes, args.chunk)
         shown = ", ".join(f"{label} {ms:.2f} ms" for label, ms in figures.items())
         print(f"run {number} ({time.monotonic() - started:.0f} s): server CPU per handshake: {shown}")
         for suffix in ratios:
