@@ -130,16 +130,18 @@ class Rooms:
     async def _release(self, sid: str, rooms: Iterable[str]) -> None:
         """Rooms where no other socket of this process is left stop being ordered here."""
         manager = self.sio.manager
-        for room in list(rooms):
+
+        def unused(room: str) -> bool:  # `sid` itself is still listed while it disconnects
             # The room's size, not a walk through it: a storm of N disconnects stays O(N).
-            if manager.room_size("/", chat_room(room)) > 1:
-                continue  # another socket is in it (the common case): nothing to forget, no step more
+            key = chat_room(room)
+            size = manager.room_size("/", key)
+            return size == 0 or (size == 1 and key in manager.get_rooms(sid, "/"))
 
-            def unused(room: str = room) -> bool:  # `sid` itself is still listed while it disconnects
-                size = manager.room_size("/", chat_room(room))
-                return size == 0 or (size == 1 and chat_room(room) in manager.get_rooms(sid, "/"))
-
-            await self.sequencer.forget(room, unused)
+        for room in list(rooms):
+            # Checked here first: a room others are still in (the common case) costs no
+            # step more; `forget` checks again under the room's lock.
+            if unused(room):
+                await self.sequencer.forget(room, lambda room=room: unused(room))
 
     async def _publish_presence(self, room: str, joins: list[Member], leaves: list[Member], count: int) -> None:
         """One `presence` event to this process's sockets of a room: with several processes, each

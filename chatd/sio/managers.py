@@ -119,12 +119,8 @@ class RoomIndex:
         participants: dict = {}
         for name in room if hasattr(room, "__len__") and not isinstance(room, str) else (room,):
             members = ns.get(name)
-            if members is None:
-                continue
-            if not participants and type(members) is dict:
-                participants = members.copy()
-            else:
-                participants.update(members.items())
+            if members is not None:  # a dict merges as a copy; the sid map is a bidict
+                participants.update(members if type(members) is dict else members.items())
         yield from participants.items()
 
     def room_size(self, namespace: str, room: str) -> int:
