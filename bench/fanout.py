@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from aiohttp import web  # noqa: E402
 
-from chatd.__main__ import GC_THRESHOLDS, SWITCH_INTERVAL_SECONDS  # noqa: E402
+from chatd.__main__ import tune_runtime  # noqa: E402
 from chatd.config import config_from_args, load_secret_keys  # noqa: E402
 from chatd.rooms import chat_room  # noqa: E402
 from chatd.web import REALTIME, create_app  # noqa: E402
@@ -76,10 +75,7 @@ async def bench(args: argparse.Namespace, data_dir: str) -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    tune_runtime()
     client = await asyncio.create_subprocess_exec(
         "taskset", "-c", str(CLIENT_CPU), "node", str(LOADGEN), "hold", "--url", f"http://127.0.0.1:{port}",
         "--sockets", str(args.sockets), "--concurrency", "100", "--timeout", "600",

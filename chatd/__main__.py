@@ -41,6 +41,20 @@ def head_timeout() -> float:
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
+def tune_runtime() -> None:
+    """The collector and the GIL as a serving chatd wants them, once start-up is over
+    (also bench/fanout.py's, which serves chatd in its own process)."""
+    # Start-up objects never die: keep them out of every later collection.
+    gc.collect()
+    gc.freeze()
+    # A broadcast or a handshake allocates thousands of short-lived containers;
+    # at the default 700 the collector runs mid-burst, often (bench/run.py).
+    gc.set_threshold(*GC_THRESHOLDS)
+    # A storage or hashing thread that wakes while the loop is busy (a broadcast to
+    # thousands) waits for the GIL up to this long; Python's default is 5 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keygen"]:
@@ -153,15 +167,7 @@ async def serve(config: Config) -> None:
         for host, port in (a[:2] for a in runner.addresses):
             shown = f"[{host}]" if ":" in host else host
             print(f"chatd: serving on http://{shown}:{port}/", flush=True)
-        # Start-up objects never die: keep them out of every later collection.
-        gc.collect()
-        gc.freeze()
-        # A broadcast or a handshake allocates thousands of short-lived containers;
-        # at the default 700 the collector runs mid-burst, often (bench/run.py).
-        gc.set_threshold(*GC_THRESHOLDS)
-        # A storage or hashing thread that wakes while the loop is busy (a broadcast to
-        # thousands) waits for the GIL up to this long; Python's default is 5 ms.
-        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+        tune_runtime()
         await stop.wait()
         log.info("shutting down")
     finally:
