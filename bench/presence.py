@@ -18,7 +18,10 @@ core the hypervisor took (steal, in /proc/stat: on a shared host it comes and
 goes, and a tenth with much of it is slow for reasons not chatd's), then the
 server's CPU for half of the room disconnecting at once. With `--redis`, chatd runs with a
 throwaway redis-server (`--redis-url`, so presence is the Redis store of
-chatd/presence/redis.py; Redis's own CPU is not counted).
+chatd/presence/redis.py; Redis's own CPU is not counted). With
+`--collections`, each run also prints chatd's garbage collections over its
+life (start-up, warm-up, fill, drop) per generation: how many, the longest and
+their sum; each is a pause of the whole process (bench/gc_hook).
 
 Why 100 handshakes in flight: the one client core also reads what 5,000
 people's machines would, every socket's `presence` frame (thousands of frames
@@ -125,15 +128,26 @@ def print_run(number: int, result: dict) -> tuple[float, float]:
     return last / first, by_fifths
 
 
+def print_collections(log: Path) -> None:
+    """The collections bench/gc_hook timed in one chatd: per generation, how many, the longest, the sum."""
+    timed = json.loads(log.read_text())
+    parts = []
+    for generation in (0, 1, 2):
+        pauses = [seconds * 1000 for gen, seconds in timed if gen == generation]
+        longest = max(pauses, default=0.0)
+        parts.append(f"generation {generation}: {len(pauses)}, longest {longest:.0f} ms, {sum(pauses):.0f} ms in all")
+    print("collections: " + "; ".join(parts))
+
+
 @contextlib.contextmanager
-def serving(*options: str) -> Iterator[tuple[str, int]]:
+def serving(*options: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """A fresh chatd (new process, empty data directory) on SERVER_CPU: its URL and pid."""
     with tempfile.TemporaryDirectory() as data_dir:
         port = free_port()
         server = subprocess.Popen(
             ["taskset", "-c", str(SERVER_CPU), sys.executable, "-m", "chatd", "--port", str(port),
              "--data-dir", data_dir, "--log-level", "warning", *options],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         try:
             assert "serving on" in server.stdout.readline()
@@ -143,10 +157,19 @@ def serving(*options: str) -> Iterator[tuple[str, int]]:
             server.wait()
 
 
-def run_once(args: argparse.Namespace, extra: list[str]) -> dict:
-    """A fresh chatd filled once."""
-    with serving("--guest-rate", "0", *extra) as (url, pid):
-        return fill(url, args, pid)
+def run_once(args: argparse.Namespace, extra: list[str], number: int) -> tuple[float, float]:
+    """A fresh chatd filled once; its table printed (print_run's ratios returned)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        env = None
+        log = Path(scratch) / "collections.json"
+        if args.collections:
+            env = {**os.environ, "PYTHONPATH": str(ROOT / "bench" / "gc_hook"), "CHATD_BENCH_GC_LOG": str(log)}
+        with serving("--guest-rate", "0", *extra, env=env) as (url, pid):
+            result = fill(url, args, pid)
+        ratios = print_run(number, result)
+        if args.collections:  # written as chatd exited
+            print_collections(log)
+        return ratios
 
 
 def main() -> None:
@@ -156,6 +179,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1000, help="guests that come and go first, 200 at a time")
     parser.add_argument("--repeat", type=int, default=3, help="runs, each on a fresh chatd; the median is the figure")
     parser.add_argument("--redis", action="store_true", help="with a throwaway Redis (presence across processes)")
+    parser.add_argument("--collections", action="store_true", help="time chatd's garbage collections too")
     args = parser.parse_args()
     print(f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}; server on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}; "
@@ -170,7 +194,7 @@ def main() -> None:
         extra = ["--redis-url", redis.url]
         print(f"with Redis at {redis.url} (presence: chatd/presence/redis.py)")
     try:
-        runs = [print_run(number, run_once(args, extra)) for number in range(1, args.repeat + 1)]
+        runs = [run_once(args, extra, number) for number in range(1, args.repeat + 1)]
     finally:
         if redis is not None:
             redis.stop()
