@@ -24,7 +24,7 @@ log = logging.getLogger("chatd")
 access_log = logging.getLogger("chatd.access")
 
 SHUTDOWN_SECONDS = 3.0  # SPEC: exit within 5 s of SIGTERM/SIGINT
-GC_THRESHOLDS = (10_000, 10, 10)  # Python's default is (700, 10, 10)
+GC_THRESHOLDS = (10_000, 2, 40)  # Python's default is (700, 10, 10); see tune_runtime
 # How long a connection may take to send a request's head, counted from when it
 # opens or its last answer ends (aiohttp's keep-alive timer, which it also starts
 # on a new connection; its own default is an hour, so a head sent a byte at a
@@ -49,6 +49,11 @@ def tune_runtime() -> None:
     gc.freeze()
     # A broadcast or a handshake allocates thousands of short-lived containers;
     # at the default 700 the collector runs mid-burst, often (bench/run.py).
+    # A generation-1 collection walks all that survived the young ones since the
+    # last: every 10, a crowd's handshakes made it a 65-100 ms pause of the whole
+    # process; every 2, at most 25-45 ms, and no more time in all. A full one
+    # stays as rare (about every 120 young ones, once a quarter of the heap is
+    # new, Python's rule). Measured with bench/presence.py --collections.
     gc.set_threshold(*GC_THRESHOLDS)
     # A storage or hashing thread that wakes while the loop is busy (a broadcast to
     # thousands) waits for the GIL up to this long; Python's default is 5 ms.
