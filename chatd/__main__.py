@@ -50,7 +50,7 @@ def tune_runtime() -> None:
     # A broadcast or a handshake allocates thousands of short-lived containers;
     # at the default 700 the collector runs mid-burst, often (bench/run.py).
     # A generation-1 collection walks all that survived the young ones since the
-    # last: every 10, a crowd's handshakes made it a 65-100 ms pause of the whole
+    # last: every 10, a crowd's handshakes made it a 65-107 ms pause of the whole
     # process; every 2, at most 15-45 ms, and no more time in all. A full one
     # stays as rare (about every 120 young ones, once a quarter of the heap is
     # new, Python's rule). Measured with bench/presence.py --collections.
