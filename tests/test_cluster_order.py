@@ -37,7 +37,7 @@ MESSAGES_PER_SENDER = 40
 LATE_JOINERS = 10
 SESSIONS = 8  # receivers share a few sessions, as tabs do
 DELIVERED_WITHIN = 60.0  # seconds after the last ack: generous, the box is shared
-# Receivers through nginx, for each transport (about 25 s each on a shared 2-core box).
+# Receivers through nginx, for each transport (3-8 s each on a shared 2-core box).
 RECEIVERS = {"websocket": 200, "polling": 200}
 
 
@@ -70,8 +70,15 @@ async def sockets_connected(http: aiohttp.ClientSession, url: str) -> int:
     raise AssertionError("no chatd_sockets_connected in /metrics")
 
 
+def highest_id(client: RawClient) -> int:
+    """The last message id a client has, live or (a late joiner's) in its join's history."""
+    last = [*client.join_ack["history"][-1:], *client.chats[-1:]]
+    return max((m["id"] for m in last), default=0)
+
+
 async def wait_for_id(client: RawClient, last_id: int, deadline: float) -> None:
-    while not client.chats or client.chats[-1]["id"] < last_id:
+    # A late joiner may have everything in its history, and nothing live to wait for.
+    while highest_id(client) < last_id:
         client.chat_arrived.clear()
         remaining = deadline - time.monotonic()
         if remaining <= 0 or client.closed:
