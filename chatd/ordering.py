@@ -16,12 +16,19 @@ never becomes visible in storage before every lower rev of its room (see SPEC,
   that now follow on.
 - A change further ahead is held. If the gap is still open after
   `hold_seconds`, the process asks storage for what changed after the watermark
-  (`history(since=…)`): storage already has the missing changes (they are older
-  than one it holds), or they do not exist (old data migrated with gaps), so
-  after that fetch everything held can go out, in order. A message changed
-  again since the missing rev comes as it is now, at its latest rev (the older
-  rev is gone from storage): a message this process never delivered as new goes
-  out as `new`, one it did as `edited`.
+  (`history(since=…)`) and delivers the revs below the first held one: storage
+  has every rev below one it has stored, so those publications are late or lost.
+  A rev it no longer has there (its message changed again since, at a higher
+  rev; or old data migrated with gaps) is passed over, and the held ones that
+  then follow on go out. Revs above the first held one are not taken from
+  storage: their publications may still be on their way, and one delivered
+  early from storage would make that message's later changes duplicates and
+  skip them. A later gap among the held waits its own hold.
+- A message created inside such a gap and changed again since is in storage at
+  its later rev only, so its `new` is passed over. The fill notes it (an id
+  above every one delivered here, at a rev not below the first held), and the
+  first change of it that comes goes out as `new`, as it is then: the sockets
+  here never saw it. (A deletion goes out as `deleted`, which they can ignore.)
 - A change at or below the watermark, or already held, is a duplicate: dropped.
 
 Where a room's watermark starts: at storage's current rev for the room, read the
@@ -72,6 +79,7 @@ class _Room:
     held: dict[int, dict] = field(default_factory=dict)  # rev -> change
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gap_timer: asyncio.TimerHandle | None = None
+    unseen: dict[int, int] = field(default_factory=dict)  # id -> rev: messages whose `new` a gap passed over
 
 
 class Sequencer:
@@ -168,6 +176,8 @@ class Sequencer:
     async def _deliver(self, room: _Room, change: dict) -> None:
         message = change["message"]
         room.delivered = message["rev"]
+        if room.unseen and room.unseen.pop(message["id"], None) is not None and change["kind"] == "edited":
+            change = {"kind": "new", "message": message}  # its `new` was passed over in a gap: unseen here
         if change["kind"] == "new":
             room.last_id = max(room.last_id, message["id"])
         try:
@@ -183,33 +193,39 @@ class Sequencer:
             room.gap_timer = None
 
     async def _fill_gap(self, name: str, room: _Room) -> None:
-        """The gap outlived the hold: what storage has after the watermark, then all that is held."""
+        """The gap outlived the hold: storage's revs below the first held one, then what follows on."""
         async with room.lock:
             room.gap_timer = None
-            if self._rooms.get(name) is not room:
-                return  # forgotten meanwhile
+            if self._rooms.get(name) is not room or not room.held:
+                return  # forgotten, or the gap closed, meanwhile
             try:
                 await self._fetch_missing(name, room)
             except Exception:
                 log.exception("could not fetch the missing changes of %r", name)
-            # Whatever is still held is past a gap storage does not have: send it in order.
-            for rev in sorted(room.held):
-                if rev > room.delivered:
-                    await self._deliver(room, room.held[rev])
-            room.held.clear()
+                # Without storage the gap cannot be filled: send what is held, in order, rather than stall.
+                for rev in sorted(room.held):
+                    if rev > room.delivered:
+                        await self._deliver(room, room.held[rev])
+                room.held.clear()
+            self._watch_gap(name, room)  # a later gap among the held gets its own hold
 
     async def _fetch_missing(self, name: str, room: _Room) -> None:
-        while room.held and min(room.held) > room.delivered + 1:
-            page = await self.storage.history(name, since=room.delivered, limit=HISTORY_MAX)
+        first_held, last_id = min(room.held), room.last_id
+        room.unseen = {id_: rev for id_, rev in room.unseen.items() if rev > room.delivered}
+        since = room.delivered
+        while True:
+            page = await self.storage.history(name, since=since, limit=HISTORY_MAX)
             for item in page:
-                if item["rev"] > room.delivered:
-                    room.held.pop(item["rev"], None)
+                if item["rev"] < first_held:
                     await self._deliver(room, self._as_change(room, item))
-            for rev in [rev for rev in room.held if rev <= room.delivered]:
-                del room.held[rev]  # superseded: its message came at a later rev
-            await self._deliver_in_order(room)
-            if len(page) < HISTORY_MAX:
-                return
+                elif item["id"] > last_id:  # created after the watermark: maybe inside the gap
+                    room.unseen[item["id"]] = item["rev"]
+            if len(page) < HISTORY_MAX or page[-1]["rev"] >= first_held:
+                break
+            since = page[-1]["rev"]
+        # The revs storage no longer has below `first_held` were superseded: their messages come later.
+        room.delivered = max(room.delivered, first_held - 1)
+        await self._deliver_in_order(room)
 
     @staticmethod
     def _as_change(room: _Room, item: dict) -> dict:

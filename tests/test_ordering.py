@@ -250,3 +250,57 @@ async def test_a_gap_filled_from_storage_brings_each_message_as_it_is_now(storag
     await sequencer.receive(new(second))  # late publications of superseded revs: dropped
     await sequencer.receive(new(third))
     assert len(recorder.delivered) == 4
+
+
+async def test_a_gap_is_filled_below_the_first_held_rev_and_later_ones_still_come_as_published(storage):
+    """Rev 1 never arrives; message 3 is stored and at once edited (revs 3, 4) while the gap is open.
+    The fill takes rev 1 from storage and no further: revs 3 and 4 are still on their way, and taking
+    message 3 from storage at rev 4 would make its `new` (rev 3) a duplicate, lost for good."""
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    first, second = await store(storage, 2)  # revs 1, 2
+    await sequencer.receive(new(second))
+    (third,) = await store(storage, 1)  # rev 3
+    edited = await storage.edit_message("general", 3, "a:alice", "three, again", time.time())  # rev 4
+    await recorder.wait_for(2)
+    await sequencer.receive(new(third))
+    await sequencer.receive(change("edited", edited))
+    assert [m["rev"] for m in recorder.delivered] == [1, 2, 3, 4]
+    assert recorder.kinds == ["new", "new", "new", "edited"]
+    assert recorder.delivered[2]["msg"] == "m0" and recorder.delivered[3]["msg"] == "three, again"
+
+
+async def test_a_later_gap_among_the_held_waits_its_own_hold(storage):
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    messages = await store(storage, 5)
+    for i in (0, 2, 4):  # 2 and 4 are late: 2's gap fills after the hold, 4's is a new hold after that
+        await sequencer.receive(new(messages[i]))
+    await recorder.wait_for(3)
+    assert recorder.ids == [1, 2, 3]
+    await asyncio.sleep(HOLD / 2)
+    assert recorder.ids == [1, 2, 3]
+    await sequencer.receive(new(messages[3]))  # 4 comes inside its own hold: as published, no fetch
+    assert recorder.ids == [1, 2, 3, 4, 5]
+
+
+async def test_an_edit_of_a_message_whose_new_was_passed_over_comes_as_new(storage):
+    """Message 2 is created (rev 2) and edited (rev 4) while rev 2's publication is lost; rev 3 is held.
+    Storage no longer has rev 2, so the fill passes over it; the edit, when it comes, is the first this
+    process sees of message 2, and goes out as `new`."""
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    first, second, third = await store(storage, 3)  # revs 1, 2, 3
+    edited = await storage.edit_message("general", 2, "a:alice", "two, again", time.time())  # rev 4
+    await sequencer.receive(new(first))
+    await sequencer.receive(new(third))
+    await recorder.wait_for(2)
+    assert [(m["id"], m["rev"]) for m in recorder.delivered] == [(1, 1), (3, 3)]
+    await sequencer.receive(change("edited", edited))
+    assert [(m["id"], m["rev"]) for m in recorder.delivered] == [(1, 1), (3, 3), (2, 4)]
+    assert recorder.kinds == ["new", "new", "new"]
+    await sequencer.receive(new(second))  # its late `new`, at a rev long passed: a duplicate
+    assert len(recorder.delivered) == 3
