@@ -39,14 +39,9 @@ from conftest import ChatdProcess  # noqa: E402
 from engineio_clients import RawWebsocketClient  # noqa: E402
 from pg_service import create_database, find_bin_dir, start_postgres  # noqa: E402
 from redis_service import redis_missing, start_redis  # noqa: E402
+from presence import cpu_seconds  # noqa: E402  (bench/presence.py, beside this file)
 
 ROOM = "bench"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_load(urls: list[str], receivers: int, senders: int, messages: int, pids: list[int], redis_pid: int):

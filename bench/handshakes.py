@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from presence import cpu_seconds, free_port  # bench/presence.py, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,12 +36,6 @@ VARIANTS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def handshake(http: aiohttp.ClientSession, url: str, cookie: str) -> None:
     async with http.ws_connect(url, headers={"Cookie": f"chatd_session={cookie}"}) as ws:
         assert (await ws.receive_str()).startswith("0{")
@@ -49,12 +43,6 @@ async def handshake(http: aiohttp.ClientSession, url: str, cookie: str) -> None:
         assert (await ws.receive_str()).startswith("40")  # the CONNECT answer…
         while not (await ws.receive_str()).startswith('42["welcome"'):
             pass  # …then `welcome`
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(base: str, seconds: float, concurrency: int, pid: int) -> tuple[float, float]:
