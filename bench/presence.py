@@ -47,7 +47,10 @@ Each run starts a fresh chatd; the figure is the median of the runs' last
 tenth / first tenth, because one tenth lasts about a second on a shared machine.
 Where a tenth is shorter than the presence window (0.9 s at 5,000), one tenth
 holds a flush and the next may not, and the tenth rates alternate; the same
-ratio over fifths (two tenths each) is printed beside it as a check.
+ratio over fifths (two tenths each) is printed beside it as a check, and the
+slope of the server's CPU per handshake against the room's size (least squares
+over all ten tenths, in µs per 1,000 sockets): what the room's size costs each
+handshake, read from every tenth rather than two.
 """
 
 from __future__ import annotations
@@ -110,8 +113,16 @@ def fifths(tenths: list[dict]) -> float:
     return rate(tenths[-2], tenths[-1]) / rate(tenths[0], tenths[1])
 
 
-def print_run(number: int, result: dict) -> tuple[float, float]:
-    """One run's table; returns its last tenth / first tenth, and the same over fifths."""
+def growth(tenths: list[dict]) -> float:
+    """µs of server CPU per handshake added per 1,000 sockets in the room: the least-squares
+    slope over every tenth, so less at the mercy of one tenth than the ratio of two."""
+    sizes = [(tenth["from"] + tenth["to"]) / 2 / 1000 for tenth in tenths]
+    costs = [tenth["server_cpu_ms_each"] * 1000 for tenth in tenths]
+    return statistics.linear_regression(sizes, costs).slope
+
+
+def print_run(number: int, result: dict) -> tuple[float, float, float]:
+    """One run's table; returns its last tenth / first tenth, the same over fifths, and `growth`."""
     print(f"run {number}:")
     print(f"{'sockets in the room':>22} {'handshakes/s':>13} {'server CPU/handshake':>21}"
           f" {'of it system':>13} {'server busy':>12} {'client busy':>12} {'stolen':>7}")
@@ -123,9 +134,11 @@ def print_run(number: int, result: dict) -> tuple[float, float]:
     first, last = result["tenths"][0]["handshakes_per_s"], result["tenths"][-1]["handshakes_per_s"]
     by_fifths = fifths(result["tenths"])
     print(f"last tenth / first tenth: {last / first:.2f} (over fifths: {by_fifths:.2f})")
+    grows = growth(result["tenths"])
+    print(f"server CPU per handshake grows by {grows:+.0f} µs per 1,000 sockets in the room (least squares)")
     print(f"{result['skimmed']} of the sockets read without ws after their welcome")
     print(f"{result['dropped']} sockets dropping at once: {result['drop_server_cpu_s']:.2f} s server CPU in all")
-    return last / first, by_fifths
+    return last / first, by_fifths, grows
 
 
 def print_collections(log: Path) -> None:
@@ -157,7 +170,7 @@ def serving(*options: str, env: dict[str, str] | None = None) -> Iterator[tuple[
             server.wait()
 
 
-def run_once(args: argparse.Namespace, extra: list[str], number: int) -> tuple[float, float]:
+def run_once(args: argparse.Namespace, extra: list[str], number: int) -> tuple[float, float, float]:
     """A fresh chatd filled once; its table printed (print_run's ratios returned)."""
     with tempfile.TemporaryDirectory() as scratch:
         env = None
@@ -202,6 +215,9 @@ def main() -> None:
         for label, ratios in (("last tenth / first tenth", [r[0] for r in runs]), ("over fifths", [r[1] for r in runs])):
             shown = ", ".join(f"{ratio:.2f}" for ratio in ratios)
             print(f"{label} over {len(ratios)} runs: {shown}; median {statistics.median(ratios):.2f}")
+        slopes = [r[2] for r in runs]
+        shown = ", ".join(f"{slope:+.0f}" for slope in slopes)
+        print(f"growth per 1,000 sockets over {len(slopes)} runs: {shown} µs; median {statistics.median(slopes):+.0f} µs")
 
 
 if __name__ == "__main__":
