@@ -25,10 +25,13 @@ never becomes visible in storage before every lower rev of its room (see SPEC,
   early from storage would make that message's later changes duplicates and
   skip them. A later gap among the held waits its own hold.
 - A message created inside such a gap and changed again since is in storage at
-  its later rev only, so its `new` is passed over. The fill notes it (an id
-  above every one delivered here, at a rev not below the first held), and the
-  first change of it that comes goes out as `new`, as it is then: the sockets
-  here never saw it. (A deletion goes out as `deleted`, which they can ignore.)
+  its later rev only, so its `new` is passed over, and it goes out as `new`, as
+  it is then, at the first change of it that does come (the sockets here never
+  saw it; a deletion goes out as `deleted`, which they can ignore). It may so
+  come after newer messages. The fill tells such messages by their ids: above
+  the last one delivered as new when the fill began. Those it delivers itself
+  go out as `new`; those at or above the first held rev, still on their way,
+  it notes (`unseen`) until one of their changes goes out.
 - A change at or below the watermark, or already held, is a duplicate: dropped.
 
 Where a room's watermark starts: at storage's current rev for the room, read the
@@ -79,7 +82,9 @@ class _Room:
     held: dict[int, dict] = field(default_factory=dict)  # rev -> change
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gap_timer: asyncio.TimerHandle | None = None
-    unseen: dict[int, int] = field(default_factory=dict)  # id -> rev: messages whose `new` a gap passed over
+    # Ids of messages whose `new` a gap passed over, each with a change still on its way: one
+    # goes until that change (or a later one a fill finds in storage) goes out.
+    unseen: set[int] = field(default_factory=set)
 
 
 class Sequencer:
@@ -176,8 +181,10 @@ class Sequencer:
     async def _deliver(self, room: _Room, change: dict) -> None:
         message = change["message"]
         room.delivered = message["rev"]
-        if room.unseen and room.unseen.pop(message["id"], None) is not None and change["kind"] == "edited":
-            change = {"kind": "new", "message": message}  # its `new` was passed over in a gap: unseen here
+        if room.unseen and message["id"] in room.unseen:
+            room.unseen.discard(message["id"])
+            if change["kind"] == "edited":
+                change = {"kind": "new", "message": message}  # its `new` was passed over in a gap: unseen here
         if change["kind"] == "new":
             room.last_id = max(room.last_id, message["id"])
         try:
@@ -211,15 +218,14 @@ class Sequencer:
 
     async def _fetch_missing(self, name: str, room: _Room) -> None:
         first_held, last_id = min(room.held), room.last_id
-        room.unseen = {id_: rev for id_, rev in room.unseen.items() if rev > room.delivered}
         since = room.delivered
         while True:
             page = await self.storage.history(name, since=since, limit=HISTORY_MAX)
             for item in page:
                 if item["rev"] < first_held:
-                    await self._deliver(room, self._as_change(room, item))
+                    await self._deliver(room, self._as_change(room, item, last_id))
                 elif item["id"] > last_id:  # created after the watermark: maybe inside the gap
-                    room.unseen[item["id"]] = item["rev"]
+                    room.unseen.add(item["id"])
             if len(page) < HISTORY_MAX or page[-1]["rev"] >= first_held:
                 break
             since = page[-1]["rev"]
@@ -228,12 +234,18 @@ class Sequencer:
         await self._deliver_in_order(room)
 
     @staticmethod
-    def _as_change(room: _Room, item: dict) -> dict:
-        """A row of `history` `since` as the change this process delivers for it."""
+    def _as_change(room: _Room, item: dict, known: int) -> dict:
+        """A row of `history` `since` as the change this process delivers for it.
+
+        `known`: the last id delivered as new when the fill began. A message above it
+        was created after the watermark, so its `new` never went out here, even where
+        the fill has since delivered a later message's `new` (it took the older one's
+        creation rev along with an edit: only the edit's rev is in storage).
+        """
         if item.get("deleted"):
             room.last_id = max(room.last_id, item["id"])  # created in the gap, then deleted: never new here
             return change("deleted", {"room": item["room"], "id": item["id"], "rev": item["rev"]})
-        return change("new" if item["id"] > room.last_id else "edited", item)
+        return change("new" if item["id"] > known else "edited", item)
 
     async def close(self) -> None:
         """Stop every gap timer and room start still pending (shutdown)."""

@@ -304,3 +304,81 @@ async def test_an_edit_of_a_message_whose_new_was_passed_over_comes_as_new(stora
     assert recorder.kinds == ["new", "new", "new"]
     await sequencer.receive(new(second))  # its late `new`, at a rev long passed: a duplicate
     assert len(recorder.delivered) == 3
+
+
+async def test_a_message_edited_inside_a_gap_comes_as_new_though_a_later_one_came_first(storage):
+    """Revs 2 (new message 2), 3 (new message 3), 4 (message 2 edited) never arrive; rev 5 does.
+    Storage has message 3 at rev 3 and message 2 at rev 4, so the fill delivers 3 first; message 2,
+    never delivered here, must still come as `new` (found by the random test below)."""
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    first, _, _ = await store(storage, 3)  # revs 1, 2, 3
+    await storage.edit_message("general", 2, "a:alice", "two, again", time.time())  # rev 4
+    (last,) = await store(storage, 1)  # rev 5
+    await sequencer.receive(new(first))
+    await sequencer.receive(new(last))
+    await recorder.wait_for(4)
+    assert [(m["id"], m["rev"]) for m in recorder.delivered] == [(1, 1), (3, 3), (2, 4), (4, 5)]
+    assert recorder.kinds == ["new", "new", "new", "new"]
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_random_changes_late_or_lost_leave_every_socket_with_what_storage_has(storage, seed):
+    """Messages sent, edited and deleted at random; each change's publication comes late (up to
+    twice the hold) or never; the last one always comes. Whatever the interleaving: revs come out
+    once each and increasing, no message is `edited` before it came as `new` nor `new` twice, and
+    a client applying what came ends with the room as storage has it."""
+    hold = 0.05
+    rng = random.Random(seed)
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=hold)
+    await sequencer.enter("general", _nothing)
+    live: list[int] = []
+    arrivals = []
+
+    def publish(published: dict, *, lost: float = 0.15) -> None:
+        if rng.random() >= lost:
+            delay = rng.uniform(0, 2 * hold)
+            arrivals.append(asyncio.ensure_future(_later(delay, sequencer.receive(published))))
+
+    for step in range(80):
+        roll = rng.random()
+        if live and roll < 0.3:
+            id_ = rng.choice(live)
+            publish(change("edited", await storage.edit_message("general", id_, "a:alice", f"e{step}", time.time())))
+        elif live and roll < 0.4:
+            id_ = live.pop(rng.randrange(len(live)))
+            publish(change("deleted", await storage.delete_message("general", id_, "a:alice")))
+        else:
+            (message,) = await store(storage, 1)
+            live.append(message["id"])
+            publish(new(message))
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.uniform(0, hold))
+    (last,) = await store(storage, 1)
+    publish(new(last), lost=0)
+    await asyncio.gather(*arrivals)
+    deadline = time.monotonic() + 5
+    while recorder.delivered[-1:] != [last] and time.monotonic() < deadline:
+        await asyncio.sleep(hold)
+
+    revs = [m["rev"] for m in recorder.delivered]
+    assert revs == sorted(set(revs)) and revs[-1] == last["rev"], revs
+    shown: dict[int, str] = {}
+    for kind, message in zip(recorder.kinds, recorder.delivered):
+        if kind == "new":
+            assert message["id"] not in shown, ("new twice", message)
+            shown[message["id"]] = message["msg"]
+        elif kind == "edited":
+            assert message["id"] in shown, ("edited before new", message)
+            shown[message["id"]] = message["msg"]
+        else:
+            shown.pop(message["id"], None)  # a deletion of one never shown: nothing to remove
+    stored = {m["id"]: m["msg"] for m in await storage.history("general", limit=100)}
+    assert shown == stored
+
+
+async def _later(delay: float, receiving) -> None:
+    await asyncio.sleep(delay)
+    await receiving
