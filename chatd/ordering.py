@@ -44,7 +44,8 @@ what storage holds now, and older gaps never stall delivery.
 A joining socket must enter the room and read the watermark with no delivery
 in between: `enter` runs the caller's join (which does not wait) while no
 delivery is under way and returns the highest message id delivered; the
-socket's history is then the messages up to it.
+socket's history is then the messages up to it, less those `passed_over` (read
+in the same step: they come live as `new`).
 
 When the last local socket leaves a room, the caller `forget`s it, and feeds
 the sequencer only the changes of rooms it `tracks`: every process hears every
@@ -68,6 +69,7 @@ log = logging.getLogger("chatd.ordering")
 HOLD_SECONDS = 0.3
 
 Deliver = Callable[[dict], Awaitable[None]]
+NONE_PASSED_OVER: frozenset[int] = frozenset()
 
 
 def change(kind: str, message: dict) -> dict:
@@ -139,6 +141,12 @@ class Sequencer:
         """The highest message id delivered here (None: the room is not ordered here)."""
         room = self._rooms.get(name)
         return None if room is None else room.last_id
+
+    def passed_over(self, name: str) -> frozenset[int]:
+        """Ids up to the watermark that have not gone out as `new` here and will, live (a gap
+        passed over their `new`): a joiner's history leaves them out, or it would get them twice."""
+        room = self._rooms.get(name)
+        return frozenset(room.unseen) if room is not None and room.unseen else NONE_PASSED_OVER
 
     def tracks(self, name: str) -> bool:
         """Whether this process follows the room (some local socket entered it, and it was not forgotten)."""

@@ -81,19 +81,24 @@ class Rooms:
         The socket enters the Socket.IO room before the list is read, so every
         `presence` event published after that list reaches it too.
         """
-        watermark = await self.enter_quietly(sid, state, room)
-        history = await self.history_until(room, watermark)
+        watermark, passed_over = await self.enter_quietly(sid, state, room)
+        history = await self.history_until(room, watermark, passed_over)
         return history, await self.presence.snapshot(room, state.user.presence_member())
 
-    async def enter_quietly(self, sid: str, state: SocketState, room: str, member: Member | None = None) -> int:
+    async def enter_quietly(
+        self, sid: str, state: SocketState, room: str, member: Member | None = None
+    ) -> tuple[int, frozenset[int]]:
         """Join a chat room, its live events and its presence, without reading its history or
-        list (the rooms a socket enters at connect); the id its live `new chat`s start after.
+        list (the rooms a socket enters at connect); where its live changes start: the id its
+        live `new chat`s start after, and older ids that will come live as `new chat` too.
         `member`: the session's presence Member, where the caller has it already."""
         state.rooms.add(room)
-        # The history stops where this socket's live changes start (ordering.py).
+        # The history stops where this socket's live changes start (ordering.py); both read
+        # in the same step as the join, with no delivery between.
         watermark = await self.sequencer.enter(room, lambda: self._enter_sio_room(sid, room))
+        passed_over = self.sequencer.passed_over(room)
         await self.presence.join(room, sid, member or state.user.presence_member())
-        return watermark
+        return watermark, passed_over
 
     def _enter_sio_room(self, sid: str, room: str) -> None:
         # The manager's own step, not `AsyncServer.enter_room`'s two coroutines and a log
@@ -103,7 +108,8 @@ class Rooms:
 
     async def again(self, state: SocketState, room: str) -> tuple[list[dict], Snapshot]:
         """A room the socket is in already: its history up to what it was sent, and its online list."""
-        history = await self.history_until(room, self.sequencer.watermark(room))
+        watermark, passed_over = self.sequencer.watermark(room), self.sequencer.passed_over(room)
+        history = await self.history_until(room, watermark, passed_over)
         return history, await self.presence.snapshot(room, state.user.presence_member())
 
     async def leave(self, sid: str, state: SocketState, room: str) -> None:
@@ -119,13 +125,17 @@ class Rooms:
             await self.presence.leave(room, sid, member)
         await self._release(sid, state.rooms)
 
-    async def history_until(self, room: str, watermark: int | None) -> list[dict]:
-        """The latest messages up to `watermark`, the last message id this process delivered to the room."""
+    async def history_until(
+        self, room: str, watermark: int | None, passed_over: frozenset[int] = frozenset()
+    ) -> list[dict]:
+        """The latest messages up to `watermark`, the last message id this process delivered to the
+        room, less `passed_over`: those the socket will be sent live as `new chat` (ordering.py)."""
         if watermark is None:  # not ordered here (cannot be, for a room a socket is in): the latest
             return await self.storage.history(room, limit=WELCOME_HISTORY)
         if watermark == 0:
             return []
-        return await self.storage.history(room, before=watermark + 1, limit=WELCOME_HISTORY)
+        history = await self.storage.history(room, before=watermark + 1, limit=WELCOME_HISTORY)
+        return [m for m in history if m["id"] not in passed_over] if passed_over else history
 
     async def _release(self, sid: str, rooms: Iterable[str]) -> None:
         """Rooms where no other socket of this process is left stop being ordered here."""

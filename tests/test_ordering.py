@@ -13,6 +13,7 @@ import pytest
 
 from chatd.ordering import Sequencer, change
 from chatd.storage.sqlite import SqliteStorage
+from conftest import Visitor
 
 HOLD = 0.2
 
@@ -382,3 +383,58 @@ async def test_random_changes_late_or_lost_leave_every_socket_with_what_storage_
 async def _later(delay: float, receiving) -> None:
     await asyncio.sleep(delay)
     await receiving
+
+
+async def test_a_message_passed_over_is_left_out_of_a_joiners_history_until_it_comes(storage):
+    """Message 2 (rev 2) is edited (rev 4) and both publications are late: after the fill, a
+    socket that enters gets history up to the watermark (message 3) less message 2, which comes
+    live as `new` when its edit arrives; so nobody gets it twice, nor misses it."""
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    first, _, third = await store(storage, 3)  # revs 1, 2, 3
+    edited = await storage.edit_message("general", 2, "a:alice", "two, again", time.time())  # rev 4
+    await sequencer.receive(new(first))
+    await sequencer.receive(new(third))
+    await recorder.wait_for(2)
+    assert await sequencer.enter("general", _nothing) == 3
+    assert sequencer.passed_over("general") == {2}
+    await sequencer.receive(change("edited", edited))
+    assert recorder.kinds[-1] == "new" and recorder.delivered[-1]["id"] == 2
+    assert sequencer.passed_over("general") == frozenset()
+
+
+async def test_a_socket_joining_after_a_gap_passed_a_message_over_gets_it_once(aiohttp_server, make_config):
+    """chatd in this process. Message 1 is stored and its publication lost (its process died),
+    message 2 is sent, message 1 is edited and that publication comes late. After the hold the
+    room goes on from message 2; a socket joining then has message 2 in its history but not 1,
+    and both sockets get message 1 once, live, as `new chat` when the edit arrives."""
+    from chatd.keys import REALTIME, STORAGE
+    from chatd.web import create_app
+
+    app = create_app(make_config())
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/")).rstrip("/")
+    rooms, storage = app[REALTIME].rooms, app[STORAGE]
+    first, second = Visitor(url), Visitor(url)
+    try:
+        early = await first.socket()
+        await early.next("welcome")
+        assert (await early.call("join", {"room": "gaps"}))["ok"] is True
+        lost = await storage.add_message("gaps", "ghost", None, "never published", time.time(), author="g:ghost")
+        ack = await early.call("send chat", {"room": "gaps", "msg": "the next one"})
+        edited = await storage.edit_message("gaps", lost["id"], "g:ghost", "edited, late", time.time())
+        assert (await early.next("new chat"))["id"] == ack["id"]  # after the hold
+        late = await second.socket()
+        await late.next("welcome")
+        joined = await late.call("join", {"room": "gaps"})
+        assert [m["id"] for m in joined["history"]] == [ack["id"]]
+        await rooms.publish_change("edited", edited)  # the late publication
+        for socket in (early, late):
+            message = await socket.next("new chat")
+            assert (message["id"], message["msg"], message["rev"]) == (lost["id"], "edited, late", edited["rev"])
+            await socket.nothing("new chat", wait=0.1)
+            await socket.nothing("chat edited", wait=0)
+    finally:
+        await first.close()
+        await second.close()
