@@ -84,8 +84,8 @@ class _Room:
     held: dict[int, dict] = field(default_factory=dict)  # rev -> change
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     gap_timer: asyncio.TimerHandle | None = None
-    # Ids of messages whose `new` a gap passed over, each with a change still on its way: one
-    # goes until that change (or a later one a fill finds in storage) goes out.
+    # Ids of messages whose `new` a gap passed over. Each has a change still on its way, and
+    # leaves the set when a change of that message goes out here (published, or from a fill).
     unseen: set[int] = field(default_factory=set)
 
 
