@@ -37,7 +37,7 @@ MESSAGES_PER_SENDER = 40
 LATE_JOINERS = 10
 SESSIONS = 8  # receivers share a few sessions, as tabs do
 DELIVERED_WITHIN = 60.0  # seconds after the last ack: generous, the box is shared
-# Receivers through nginx, for each transport (3-8 s each on a shared 2-core box).
+# Receivers through nginx, for each transport (3-13 s each on a shared 2-core box).
 RECEIVERS = {"websocket": 200, "polling": 200}
 
 
