@@ -69,7 +69,6 @@ log = logging.getLogger("chatd.ordering")
 HOLD_SECONDS = 0.3
 
 Deliver = Callable[[dict], Awaitable[None]]
-NONE_PASSED_OVER: frozenset[int] = frozenset()
 
 
 def change(kind: str, message: dict) -> dict:
@@ -146,7 +145,7 @@ class Sequencer:
         """Ids up to the watermark that have not gone out as `new` here and will, live (a gap
         passed over their `new`): a joiner's history leaves them out, or it would get them twice."""
         room = self._rooms.get(name)
-        return frozenset(room.unseen) if room is not None and room.unseen else NONE_PASSED_OVER
+        return frozenset(room.unseen) if room is not None else frozenset()
 
     def tracks(self, name: str) -> bool:
         """Whether this process follows the room (some local socket entered it, and it was not forgotten)."""

@@ -287,18 +287,26 @@ async def test_a_later_gap_among_the_held_waits_its_own_hold(storage):
     assert recorder.ids == [1, 2, 3, 4, 5]
 
 
+async def passed_over_after_a_fill(storage) -> tuple[Recorder, Sequencer, dict, dict]:
+    """Messages 1-3 stored (revs 1-3), message 2 edited (rev 4); only 1 and 3 arrive, and the
+    fill passes message 2 over. The recorder (1 and 3 delivered), the sequencer, message 2 as
+    created, and its edit still to come."""
+    recorder = Recorder()
+    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
+    await sequencer.enter("general", _nothing)
+    first, second, third = await store(storage, 3)
+    edited = await storage.edit_message("general", 2, "a:alice", "two, again", time.time())
+    await sequencer.receive(new(first))
+    await sequencer.receive(new(third))
+    await recorder.wait_for(2)
+    return recorder, sequencer, second, edited
+
+
 async def test_an_edit_of_a_message_whose_new_was_passed_over_comes_as_new(storage):
     """Message 2 is created (rev 2) and edited (rev 4) while rev 2's publication is lost; rev 3 is held.
     Storage no longer has rev 2, so the fill passes over it; the edit, when it comes, is the first this
     process sees of message 2, and goes out as `new`."""
-    recorder = Recorder()
-    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
-    await sequencer.enter("general", _nothing)
-    first, second, third = await store(storage, 3)  # revs 1, 2, 3
-    edited = await storage.edit_message("general", 2, "a:alice", "two, again", time.time())  # rev 4
-    await sequencer.receive(new(first))
-    await sequencer.receive(new(third))
-    await recorder.wait_for(2)
+    recorder, sequencer, second, edited = await passed_over_after_a_fill(storage)
     assert [(m["id"], m["rev"]) for m in recorder.delivered] == [(1, 1), (3, 3)]
     await sequencer.receive(change("edited", edited))
     assert [(m["id"], m["rev"]) for m in recorder.delivered] == [(1, 1), (3, 3), (2, 4)]
@@ -389,14 +397,7 @@ async def test_a_message_passed_over_is_left_out_of_a_joiners_history_until_it_c
     """Message 2 (rev 2) is edited (rev 4) and both publications are late: after the fill, a
     socket that enters gets history up to the watermark (message 3) less message 2, which comes
     live as `new` when its edit arrives; so nobody gets it twice, nor misses it."""
-    recorder = Recorder()
-    sequencer = Sequencer(storage, recorder, hold_seconds=HOLD)
-    await sequencer.enter("general", _nothing)
-    first, _, third = await store(storage, 3)  # revs 1, 2, 3
-    edited = await storage.edit_message("general", 2, "a:alice", "two, again", time.time())  # rev 4
-    await sequencer.receive(new(first))
-    await sequencer.receive(new(third))
-    await recorder.wait_for(2)
+    recorder, sequencer, _, edited = await passed_over_after_a_fill(storage)
     assert await sequencer.enter("general", _nothing) == 3
     assert sequencer.passed_over("general") == {2}
     await sequencer.receive(change("edited", edited))
